@@ -1,0 +1,95 @@
+"""Offline-first loading of released detectors: a folder path, a repo id in the local Hub cache, or the bundled copy.
+
+Everything goes through the real Hugging Face code paths (``snapshot_download``, ``AutoModel.from_pretrained`` with
+``trust_remote_code=True``); when the Hub cannot be reached, a repo id released by this project resolves to its
+bundled folder under ``hub_models/``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+from huggingface_hub import constants, snapshot_download
+
+HUB_MODELS_DIR = Path(__file__).resolve().parent
+CODE_FILES = ("configuration_bayesfake.py", "modeling_bayesfake.py", "image_processing_bayesfake.py")
+REQUIRED_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", *CODE_FILES)
+HUB_ORG = "bayesfake"
+# Repo ids of the released detectors, in the order the Space shows them; each has a bundled folder of the same name.
+RELEASED = ("cifake-mcdropout-cnn", "cifake-vi-bcnn")
+DEFAULT_REPO_IDS = tuple(f"{HUB_ORG}/{name}" for name in RELEASED)
+
+log = logging.getLogger(__name__)
+
+
+class IncompleteRepoError(FileNotFoundError):
+    """A detector folder lacks files that loading needs."""
+
+
+def check_repo_folder(folder: str | os.PathLike) -> Path:
+    """Return ``folder`` as a Path, or raise ``IncompleteRepoError`` naming every missing file."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise IncompleteRepoError(f"{folder} is not a folder")
+    missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
+    if missing:
+        raise IncompleteRepoError(f"detector folder {folder} is incomplete: missing {', '.join(missing)}")
+    return folder
+
+
+def bundled_folder(repo_id: str) -> Path | None:
+    """The bundled folder released under ``repo_id`` (``bayesfake/NAME`` -> ``hub_models/NAME``), if there is one."""
+    name = repo_id.split("/")[-1]
+    folder = HUB_MODELS_DIR / name
+    return folder if (folder / "config.json").is_file() else None
+
+
+def resolve(name_or_path: str | os.PathLike) -> Path:
+    """A local folder for a detector: the path itself, the Hub snapshot (cache first when offline), or the bundled copy."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return check_repo_folder(path)
+    repo_id = str(name_or_path)
+    try:
+        return check_repo_folder(snapshot_download(repo_id))
+    except IncompleteRepoError:
+        raise
+    except Exception as err:  # offline, unknown repo, no cache entry: fall back to the bundled release
+        folder = bundled_folder(repo_id)
+        if folder is None:
+            raise FileNotFoundError(
+                f"detector {repo_id!r} is neither a folder, nor in the Hub cache ({constants.HF_HUB_CACHE}), nor bundled "
+                f"under {HUB_MODELS_DIR} ({type(err).__name__}: {err})"
+            ) from err
+        log.info("%s: Hub unavailable (%s); using bundled %s", repo_id, type(err).__name__, folder)
+        return check_repo_folder(folder)
+
+
+def load_detector(name_or_path: str | os.PathLike, **kwargs):
+    """(model, image_processor) for a folder, repo id or bundled release, via the Auto classes and remote code."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    folder = resolve(name_or_path)
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True, **kwargs).eval()
+    processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+    return model, processor
+
+
+def seed_hub_cache(folder: str | os.PathLike, repo_id: str, cache_dir: str | os.PathLike,
+                   commit: str = "0" * 40) -> Path:
+    """Lay a detector folder into a Hub cache as ``snapshot_download`` leaves it (refs/main -> snapshots/COMMIT).
+
+    Lets the offline path (``HF_HUB_OFFLINE=1`` + repo id) be exercised here, and pre-seeds a cache for air-gapped use.
+    """
+    repo_dir = Path(cache_dir) / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo_dir / "snapshots" / commit
+    snapshot.mkdir(parents=True, exist_ok=True)
+    for item in check_repo_folder(folder).iterdir():
+        if item.is_file():
+            shutil.copy2(item, snapshot / item.name)
+    (repo_dir / "refs").mkdir(exist_ok=True)
+    (repo_dir / "refs" / "main").write_text(commit)
+    return snapshot
