@@ -6,6 +6,8 @@ This file ships inside every Hub repo (it is what ``trust_remote_code=True`` dow
 
 from __future__ import annotations
 
+import math
+
 from transformers import PretrainedConfig
 
 # Registry of the stochastic heads. "deterministic" is the plain baseline (num_samples=1 is exact);
@@ -119,14 +121,14 @@ class BayesFakeConfig(PretrainedConfig):
             fail("variational_scope", f"must be one of {VARIATIONAL_SCOPES}")
         if self.variational_scope == "all" and self.backbone != SCRATCH_CNN:
             fail("variational_scope", f"'all' is only available for the {SCRATCH_CNN!r} backbone")
-        if not self.prior_sigma > 0:
-            fail("prior_sigma", "must be > 0")
+        if not 0 < self.prior_sigma < math.inf:
+            fail("prior_sigma", "must be finite and > 0")
         if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
             fail("num_samples", "must be an integer >= 1")
         if not 0.0 < self.threshold < 1.0:
             fail("threshold", "must be in (0, 1)")
-        if not self.calibration_temperature > 0:
-            fail("calibration_temperature", "must be > 0")
+        if not 0 < self.calibration_temperature < math.inf:
+            fail("calibration_temperature", "must be finite and > 0")
         if self.reject_entropy is not None and not self.reject_entropy > 0:
             fail("reject_entropy", "must be > 0 nats, or None")
         if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 1:

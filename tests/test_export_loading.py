@@ -1,0 +1,408 @@
+"""Export to a Hub repo folder, and loading it back through the real Hugging Face code paths, offline."""
+
+import json
+import shutil
+import socket
+
+import huggingface_hub
+import pytest
+import torch
+from huggingface_hub import ModelCard, constants
+from huggingface_hub.errors import OfflineModeIsEnabled
+from PIL import Image
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageClassification, pipeline
+
+import hub_models.export as export
+from hub_models.configuration_bayesfake import BayesFakeConfig
+from hub_models.export import AUTO_MAP, export_detector, main, publish
+from hub_models.hub import (
+    CODE_FILES,
+    HUB_MODELS_DIR,
+    IncompleteRepoError,
+    check_repo_folder,
+    load_detector,
+    resolve,
+    seed_hub_cache,
+)
+from hub_models.modeling_bayesfake import BayesFakeDetector
+
+REPORT = {
+    "dataset": "CIFAKE",
+    "split": "test",
+    "metrics": {"cls/acc": 0.91, "cls/f1": 0.9, "cls/auroc": 0.97, "cal/ece": 0.031, "cal/nll": 0.24,
+                "cal/brier": 0.07, "sc/aurc": 0.02, "sc/auroc_entropy": 0.85, "note": "not a number"},
+}
+CARD_TYPES = {"accuracy": 0.91, "f1": 0.9, "roc_auc": 0.97, "ece": 0.031, "nll": 0.24, "brier": 0.07, "aurc": 0.02,
+              "error_detection_auroc": 0.85}
+# (head, scope, layer) of the detectors round-tripped: the two released kinds and both variational layer families.
+ROUND_TRIP = [
+    ("mc_dropout", "head", "reparameterization"),
+    ("variational", "head", "flipout"),
+    ("variational", "all", "reparameterization"),
+    ("variational", "all", "flipout"),
+]
+ROUND_TRIP_IDS = ["-".join(k) for k in ROUND_TRIP]
+
+
+@pytest.fixture(autouse=True)
+def offline_one_thread(monkeypatch):
+    """Offline for real (whatever the environment said when huggingface_hub was imported); one thread for tiny nets."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_detector(head="variational", scope="all", layer="flipout", seed=0, **overrides):
+    kwargs = dict(cnn_widths=[4, 8, 8], head_hidden=[8], num_samples=8, image_size=16, prior_mu=0.05,
+                  prior_sigma=0.5, training_domain="CIFAKE 32x32 test images")
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    config = BayesFakeConfig(head=head, variational_scope=scope, variational_layer=layer, **kwargs)
+    return BayesFakeDetector(config).eval()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """One exported variational (all layers, flipout) detector, shared read-only by the loading tests."""
+    base = tmp_path_factory.mktemp("export")
+    plot = base / "reliability.png"
+    Image.new("RGB", (4, 4)).save(plot)
+    model = tiny_detector()
+    folder = export_detector(model, base / "tiny", report=REPORT, plots=[plot], command="python -m train.train x.yaml",
+                             repo_id="someorg/tiny")
+    return folder
+
+
+@pytest.fixture
+def writable(exported, tmp_path):
+    """A private copy of the exported folder, for tests that break it."""
+    return shutil.copytree(exported, tmp_path / "copy")
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    """An empty Hub cache that both huggingface_hub and transformers read (the constant is read once, at import)."""
+    cache = tmp_path / "hub_cache"
+    cache.mkdir()
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    return cache
+
+
+def images(b=2, size=16):
+    return torch.randn(b, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The exported folder
+
+
+def test_export_writes_a_complete_repo(exported):
+    names = {p.name for p in exported.iterdir()}
+    assert {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "eval_report.json",
+            "reliability.png", *CODE_FILES} <= names
+    assert check_repo_folder(exported) == exported
+    config = json.loads((exported / "config.json").read_text())
+    assert config["auto_map"] == AUTO_MAP
+    assert set(config["auto_map"]) == {"AutoConfig", "AutoModel", "AutoModelForImageClassification"}
+    assert config["model_type"] == "bayesfake"
+    assert config["metrics"] == {k: v for k, v in REPORT["metrics"].items() if isinstance(v, float)}
+    assert config["id2label"] == {"0": "REAL", "1": "FAKE"}
+    for name in CODE_FILES:
+        assert (exported / name).read_bytes() == (HUB_MODELS_DIR / name).read_bytes(), name
+    processor = json.loads((exported / "preprocessor_config.json").read_text())
+    assert processor["size"] == 16
+    assert processor["auto_map"]["AutoImageProcessor"] == "image_processing_bayesfake.BayesFakeImageProcessor"
+    assert json.loads((exported / "eval_report.json").read_text()) == REPORT
+
+
+def test_model_card_metadata(exported):
+    card = ModelCard.load(exported / "README.md")
+    data = card.data
+    assert data.license == "mit"
+    assert data.library_name == "transformers"
+    assert data.pipeline_tag == "image-classification"
+    assert {"custom_code", "uncertainty", "variational"} <= set(data.tags)
+    assert data.datasets == ["cifake"]
+    assert data.model_name == "someorg/tiny"
+    results = {r.metric_type: r for r in data.eval_results}
+    assert {k: r.metric_value for k, r in results.items()} == pytest.approx(CARD_TYPES)
+    assert {(r.task_type, r.dataset_name, r.dataset_split) for r in results.values()} == {
+        ("image-classification", "CIFAKE", "test")}
+    assert "model-index" in (exported / "README.md").read_text().split("---")[1]
+    text = card.text
+    assert 'repo = "someorg/tiny"' in text
+    assert "python -m train.train x.yaml" in text
+    assert "![reliability.png](reliability.png)" in text
+    assert "CIFAKE 32x32 test images" in text
+
+
+def test_model_card_without_report(tmp_path):
+    folder = export_detector(tiny_detector("mc_dropout", "head"), tmp_path / "plain")
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.license == "mit"
+    assert not card.data.eval_results
+    assert "bayesfake/plain" in card.text  # default repo id: the project org and the folder name
+    assert not (folder / "eval_report.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Loading the folder through the Auto classes and the pipeline
+
+
+def test_auto_classes_load_the_folder(exported):
+    config = AutoConfig.from_pretrained(exported, trust_remote_code=True)
+    assert type(config).__name__ == "BayesFakeConfig" and config.head == "variational"
+    for auto in (AutoModel, AutoModelForImageClassification):
+        model = auto.from_pretrained(exported, trust_remote_code=True).eval()
+        assert type(model).__name__ == "BayesFakeDetector"
+        with torch.no_grad():
+            out = model(images(), num_samples=4, seed=0)
+        assert out.probs.shape == (2, 2)
+    processor = AutoImageProcessor.from_pretrained(exported, trust_remote_code=True)
+    assert type(processor).__name__ == "BayesFakeImageProcessor"
+    assert processor(Image.new("RGB", (30, 20)))["pixel_values"].shape == (1, 3, 16, 16)
+
+
+def test_pipeline(exported):
+    classify = pipeline("image-classification", model=str(exported), trust_remote_code=True)
+    result = classify(Image.new("RGB", (30, 20), (200, 30, 30)))
+    assert {r["label"] for r in result} == {"REAL", "FAKE"}
+    assert sum(r["score"] for r in result) == pytest.approx(1.0, abs=1e-5)
+    assert all(0 <= r["score"] <= 1 for r in result)
+
+
+def test_load_detector_from_folder(exported):
+    model, processor = load_detector(exported)
+    assert not model.training
+    pixel_values = processor(Image.new("RGB", (30, 20)))["pixel_values"]
+    with torch.no_grad():
+        out = model(pixel_values, num_samples=3, seed=0)
+    assert out.sample_probs.shape == (3, 1, 2)
+    assert model.verdicts(out)[0] in ("likely AI-generated", "likely real")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The transformers-5 trap: non-persistent prior buffers come back as torch.empty_like garbage unless re-filled
+
+
+@pytest.mark.parametrize("kind", ROUND_TRIP, ids=ROUND_TRIP_IDS)
+def test_round_trip_is_bit_exact(kind, tmp_path):
+    model = tiny_detector(*kind)
+    folder = export_detector(model, tmp_path / "rt")
+    x = images()
+    with torch.no_grad():
+        kl_before = model.kl_divergence()
+        before = model(x, num_samples=6, seed=3)
+    # Fill fresh allocations with garbage so that an unfilled buffer cannot come back right by luck.
+    loaded = {}
+    for name, kwargs in (("remote", dict(trust_remote_code=True)), ("device_map", dict(trust_remote_code=True,
+                                                                                       device_map="auto"))):
+        loaded[name] = AutoModel.from_pretrained(folder, **kwargs).eval()
+    loaded["direct"] = BayesFakeDetector.from_pretrained(folder).eval()
+    for name, again in loaded.items():
+        with torch.no_grad():
+            assert torch.equal(again.kl_divergence(), kl_before), name
+            after = again(x, num_samples=6, seed=3)
+        for field in ("probs", "sample_probs", "std", "predictive_entropy", "mutual_information", "logits"):
+            assert torch.equal(getattr(after, field), getattr(before, field)), (name, field)
+        state, state_again = model.state_dict(), again.state_dict()
+        assert state.keys() == state_again.keys(), name
+        for key in state:
+            assert torch.equal(state[key], state_again[key]), (name, key)
+        for layer in again.bayesian_layers():
+            for buf in ("prior_weight_mu", "prior_bias_mu"):
+                if getattr(layer, buf, None) is not None:
+                    assert torch.equal(getattr(layer, buf), torch.full_like(getattr(layer, buf), 0.05)), (name, buf)
+            for buf in ("prior_weight_sigma", "prior_bias_sigma"):
+                if getattr(layer, buf, None) is not None:
+                    assert torch.equal(getattr(layer, buf), torch.full_like(getattr(layer, buf), 0.5)), (name, buf)
+
+
+def test_kl_round_trip_with_garbage_allocator(tmp_path, monkeypatch):
+    """Even when empty_like hands back garbage (as it may on any machine), the loaded KL equals the saved one."""
+    model = tiny_detector("variational", "all", "reparameterization")
+    folder = export_detector(model, tmp_path / "rt")
+    real_empty_like = torch.empty_like
+
+    def garbage_empty_like(tensor, *args, **kwargs):
+        out = real_empty_like(tensor, *args, **kwargs)
+        if out.is_floating_point() and out.device.type != "meta":
+            out.fill_(12345.0)
+        return out
+
+    monkeypatch.setattr(torch, "empty_like", garbage_empty_like)
+    again = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    monkeypatch.undo()
+    assert torch.equal(again.kl_divergence(), model.kl_divergence())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# By repo id from a local Hub cache, offline
+
+
+def test_repo_id_from_offline_cache(exported, hub_cache):
+    snapshot = seed_hub_cache(exported, "someorg/tiny", hub_cache)
+    assert (hub_cache / "models--someorg--tiny" / "refs" / "main").read_text() == "0" * 40
+    assert resolve("someorg/tiny") == snapshot
+    model = AutoModel.from_pretrained("someorg/tiny", trust_remote_code=True).eval()
+    reference = AutoModel.from_pretrained(exported, trust_remote_code=True).eval()
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(model(x, num_samples=3, seed=1).probs, reference(x, num_samples=3, seed=1).probs)
+    model, processor = load_detector("someorg/tiny")
+    assert type(model).__name__ == "BayesFakeDetector"
+    assert processor.size == 16
+
+
+def test_unknown_repo_id_offline(hub_cache):
+    with pytest.raises(FileNotFoundError, match="someorg/absent"):
+        load_detector("someorg/absent")
+
+
+@pytest.mark.parametrize("missing", ["model.safetensors", "preprocessor_config.json", "modeling_bayesfake.py"])
+def test_incomplete_folder(writable, missing):
+    (writable / missing).unlink()
+    with pytest.raises(IncompleteRepoError, match=missing.replace(".", r"\.")):
+        load_detector(writable)
+    with pytest.raises(IncompleteRepoError, match=missing.replace(".", r"\.")):
+        check_repo_folder(writable)
+
+
+def test_incomplete_cached_snapshot(exported, hub_cache):
+    snapshot = seed_hub_cache(exported, "someorg/tiny", hub_cache)
+    (snapshot / "model.safetensors").unlink()
+    with pytest.raises(IncompleteRepoError, match=r"model\.safetensors"):
+        load_detector("someorg/tiny")
+
+
+def test_seeding_an_incomplete_folder_refused(writable, hub_cache):
+    (writable / "preprocessor_config.json").unlink()
+    with pytest.raises(IncompleteRepoError, match=r"preprocessor_config\.json"):
+        seed_hub_cache(writable, "someorg/tiny", hub_cache)
+
+
+def test_not_a_folder(tmp_path):
+    with pytest.raises(IncompleteRepoError, match="not a folder"):
+        check_repo_folder(tmp_path / "nothing")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# device_map="auto"
+
+
+def test_device_map_auto(exported):
+    model = AutoModel.from_pretrained(exported, trust_remote_code=True, device_map="auto").eval()
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert model.device.type == expected
+    x = images()  # on the CPU, and float64: both moved to the model's device and dtype
+    with torch.no_grad():
+        out = model(x.double(), num_samples=3, seed=0)
+        ref = model(x.to(model.device), num_samples=3, seed=0)
+    assert out.probs.device.type == expected
+    assert out.probs.dtype == torch.float32
+    assert torch.allclose(out.probs, ref.probs, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_inputs_moved_to_the_model_device(exported):
+    model = AutoModel.from_pretrained(exported, trust_remote_code=True).to("cuda").eval()
+    with torch.no_grad():
+        a = model(images(), num_samples=3, seed=0)
+        b = model(images().cuda(), num_samples=3, seed=0)
+    assert a.probs.is_cuda and torch.equal(a.probs, b.probs)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Publishing
+
+
+def test_publish_offline_fails_before_network_io(exported, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("publish() attempted network I/O while offline")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    with pytest.raises(OfflineModeIsEnabled, match="offline mode is enabled"):
+        publish(exported, "someorg/tiny", token="hf_not_a_real_token")
+
+
+class RecordingApi:
+    """Stands in for huggingface_hub.HfApi: records the calls publish() makes."""
+
+    calls: list = []
+
+    def __init__(self, token=None, **kwargs):
+        RecordingApi.calls.append(("__init__", (), {"token": token, **kwargs}))
+
+    def create_repo(self, *args, **kwargs):
+        RecordingApi.calls.append(("create_repo", args, kwargs))
+        return huggingface_hub.RepoUrl("https://huggingface.co/someorg/tiny")
+
+    def upload_folder(self, *args, **kwargs):
+        RecordingApi.calls.append(("upload_folder", args, kwargs))
+
+        class Info:
+            oid = "a" * 40
+
+        return Info()
+
+
+@pytest.fixture
+def recording_api(monkeypatch):
+    RecordingApi.calls = []
+    monkeypatch.setattr(export, "HfApi", RecordingApi)
+    return RecordingApi
+
+
+def test_publish_with_fake_api(exported, recording_api):
+    revision = publish(exported, "someorg/tiny", token="tok", private=True, commit_message="v1")
+    assert revision == "a" * 40
+    names = [name for name, _, _ in recording_api.calls]
+    assert names == ["__init__", "create_repo", "upload_folder"]
+    assert recording_api.calls[0][2]["token"] == "tok"
+    _, args, kwargs = recording_api.calls[1]
+    assert (args, kwargs) == (("someorg/tiny",), dict(repo_type="model", private=True, exist_ok=True))
+    _, args, kwargs = recording_api.calls[2]
+    assert args == ()
+    assert kwargs == dict(folder_path=str(exported), repo_id="someorg/tiny", repo_type="model", commit_message="v1")
+
+
+def test_publish_refuses_incomplete_folder_before_any_call(writable, recording_api):
+    (writable / "model.safetensors").unlink()
+    with pytest.raises(IncompleteRepoError, match=r"model\.safetensors"):
+        publish(writable, "someorg/tiny")
+    assert recording_api.calls == []
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The export CLI
+
+
+def test_cli_export(tmp_path, capsys, recording_api):
+    model = tiny_detector("variational", "head", "reparameterization")
+    model_dir = tmp_path / "final"
+    model.save_pretrained(model_dir)  # what training writes
+    report = tmp_path / "r.json"
+    report.write_text(json.dumps(REPORT))
+    out_dir = tmp_path / "out" / "cifake-test"
+    main([str(model_dir), str(out_dir), "--report", str(report), "--command", "python -m train.train c.yaml"])
+    assert f"wrote {out_dir}" in capsys.readouterr().out
+    check_repo_folder(out_dir)
+    assert json.loads((out_dir / "config.json").read_text())["metrics"]["cls/acc"] == 0.91
+    card = ModelCard.load(out_dir / "README.md")
+    assert card.data.model_name == "bayesfake/cifake-test"
+    assert "python -m train.train c.yaml" in card.text
+    again = AutoModel.from_pretrained(out_dir, trust_remote_code=True)
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in again.state_dict().items())
+    assert recording_api.calls == []  # no --push: nothing published
+
+    main([str(model_dir), str(tmp_path / "pushed"), "--repo-id", "someorg/pushed", "--push"])
+    assert f"pushed someorg/pushed at revision {'a' * 40}" in capsys.readouterr().out
+    assert [name for name, _, _ in recording_api.calls] == ["__init__", "create_repo", "upload_folder"]
+    assert recording_api.calls[2][2]["repo_id"] == "someorg/pushed"

@@ -1,0 +1,395 @@
+"""BayesFakeDetector: the public inference contract, seeded sampling, cheap sampling, grouped-conv batching, init."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from bayesian_torch.layers import Conv2dFlipout, Conv2dReparameterization, LinearReparameterization
+
+from hub_models.configuration_bayesfake import BayesFakeConfig
+from hub_models.modeling_bayesfake import BayesFakeDetector, apply_layer, gaussian_kl
+
+# (head, variational_scope, variational_layer): every kind of head the config allows on the scratch CNN.
+HEADS = [
+    ("deterministic", "head", "reparameterization"),
+    ("mc_dropout", "head", "reparameterization"),
+    ("variational", "head", "reparameterization"),
+    ("variational", "head", "flipout"),
+    ("variational", "all", "reparameterization"),
+    ("variational", "all", "flipout"),
+]
+HEAD_IDS = ["-".join(h) for h in HEADS]
+STOCHASTIC_HEADS = [h for h in HEADS if h[0] != "deterministic"]
+STOCHASTIC_IDS = ["-".join(h) for h in STOCHASTIC_HEADS]
+B, T = 3, 5
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: one thread is fastest, and 100x faster than two when another job holds the other core."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def build(head, scope="head", layer="reparameterization", seed=0, **overrides):
+    kwargs = dict(cnn_widths=[4, 8, 8], head_hidden=[8], num_samples=8)
+    kwargs.update(overrides)
+    config = BayesFakeConfig(head=head, variational_scope=scope, variational_layer=layer, **kwargs)
+    torch.manual_seed(seed)
+    return BayesFakeDetector(config).eval()
+
+
+def images(b=B, seed=1, size=16):
+    return torch.randn(b, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def plain_probs(model, x):
+    """The plain eval forward, by hand: backbone once, head with mean weights and no dropout."""
+    with torch.no_grad():
+        return torch.softmax(model.head(model.backbone(x), 1, False), dim=-1)
+
+
+def entropy(p):
+    return -(p * p.log()).sum(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The inference contract
+
+
+@pytest.mark.parametrize("kind", HEADS, ids=HEAD_IDS)
+def test_output_contract(kind):
+    model = build(*kind)
+    with torch.no_grad():
+        out = model(images(), num_samples=T, seed=0)
+    assert out.probs.shape == (B, 2)
+    assert out.sample_probs.shape == (T, B, 2)
+    assert out.std.shape == (B, 2)
+    for name in ("predictive_entropy", "mutual_information", "expected_entropy"):
+        assert getattr(out, name).shape == (B,), name
+    assert out.logits.shape == (B, 2)
+    assert torch.allclose(out.probs.sum(-1), torch.ones(B), atol=1e-6)
+    assert torch.allclose(out.sample_probs.sum(-1), torch.ones(T, B), atol=1e-6)
+    assert torch.allclose(out.probs, out.sample_probs.mean(0), atol=1e-7)
+    assert torch.allclose(out.std, out.sample_probs.std(0, unbiased=False), atol=1e-7)
+    assert torch.allclose(out.predictive_entropy, entropy(out.probs), atol=1e-6)
+    assert torch.allclose(out.expected_entropy, entropy(out.sample_probs).mean(0), atol=1e-6)
+    assert torch.allclose(out.predictive_entropy, out.mutual_information + out.expected_entropy, atol=1e-5)
+    assert (out.mutual_information >= 0).all()
+    assert torch.allclose(out.logits, out.probs.log(), atol=1e-6)
+    assert out.loss is None and out.kl is None  # eval mode without labels: no loss, no KL work
+    # The default T is the config's.
+    with torch.no_grad():
+        assert model(images()).sample_probs.shape == (8, B, 2)
+
+
+@pytest.mark.parametrize("kind", STOCHASTIC_HEADS, ids=STOCHASTIC_IDS)
+def test_stochastic_heads_give_distinct_samples(kind):
+    model = build(*kind)
+    with torch.no_grad():
+        out = model(images(), num_samples=T, seed=0)
+    sp = out.sample_probs
+    for i in range(T):
+        for j in range(i + 1, T):
+            assert not torch.equal(sp[i], sp[j]), (i, j)
+    assert (out.std > 0).all()
+    assert (out.mutual_information > 0).all()
+
+
+def test_deterministic_head_single_sample_equals_plain_forward():
+    model = build("deterministic")
+    x = images()
+    with torch.no_grad():
+        one = model(x, num_samples=1)
+        many = model(x, num_samples=T)
+    expected = plain_probs(model, x)
+    assert torch.allclose(one.probs, expected, atol=1e-6)
+    assert torch.allclose(many.probs, expected, atol=1e-6)
+    assert torch.equal(many.std, torch.zeros(B, 2))
+    assert torch.allclose(many.mutual_information, torch.zeros(B), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", HEADS, ids=HEAD_IDS)
+def test_stochastic_false_is_the_plain_forward(kind):
+    model = build(*kind)
+    x = images()
+    expected = plain_probs(model, x)
+    with torch.no_grad():
+        out = model(x, num_samples=T, stochastic=False)
+        again = model(x, num_samples=T, stochastic=False)
+    assert out.sample_probs.shape == (T, B, 2)
+    assert torch.allclose(out.probs, expected, atol=1e-6)
+    assert torch.equal(out.probs, again.probs)
+    assert torch.equal(out.std, torch.zeros(B, 2))
+
+
+def test_temperature_scales_every_sample():
+    model = build("mc_dropout")
+    hot = build("mc_dropout", calibration_temperature=2.0)
+    hot.load_state_dict(model.state_dict())
+    x = images()
+    with torch.no_grad():
+        logits = model.sample_logits(x, 1, stochastic=False)[0]
+        out = hot(x, num_samples=1, stochastic=False)
+    assert torch.allclose(out.probs, torch.softmax(logits / 2.0, -1), atol=1e-6)
+
+
+def test_bad_inputs_raise():
+    model = build("mc_dropout")
+    with pytest.raises(ValueError, match="pixel_values"):
+        model(torch.randn(3, 16, 16))
+    with pytest.raises(ValueError, match="pixel_values"):
+        model(torch.randn(2, 1, 16, 16))
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="num_samples"):
+            model(images(), num_samples=bad)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Seeded sampling
+
+
+@pytest.mark.parametrize("kind", STOCHASTIC_HEADS, ids=STOCHASTIC_IDS)
+def test_seeded_sampling_repeats_and_seeds_differ(kind):
+    model = build(*kind)
+    x = images()
+    with torch.no_grad():
+        a = model(x, num_samples=T, seed=7).sample_probs
+        b = model(x, num_samples=T, seed=7).sample_probs
+        c = model(x, num_samples=T, seed=8).sample_probs
+        g1 = model(x, num_samples=T, generator=torch.Generator().manual_seed(3)).sample_probs
+        g2 = model(x, num_samples=T, generator=torch.Generator().manual_seed(3)).sample_probs
+        g3 = model(x, num_samples=T, generator=torch.Generator().manual_seed(4)).sample_probs
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert torch.equal(g1, g2)
+    assert not torch.equal(g1, g3)
+
+
+@pytest.mark.parametrize("kind", STOCHASTIC_HEADS, ids=STOCHASTIC_IDS)
+def test_seeded_call_leaves_global_rng_untouched(kind):
+    model = build(*kind)
+    x = images()
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    with torch.no_grad():
+        model(x, num_samples=T, seed=5)
+        model(x, num_samples=T, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(torch.get_rng_state(), state)
+    # Unseeded calls do draw from the global RNG (and so differ from call to call).
+    with torch.no_grad():
+        u1 = model(x, num_samples=T).sample_probs
+        u2 = model(x, num_samples=T).sample_probs
+    assert not torch.equal(torch.get_rng_state(), state)
+    assert not torch.equal(u1, u2)
+
+
+def test_generator_is_advanced_not_global():
+    model = build("mc_dropout")
+    x = images()
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        first = model(x, num_samples=T, generator=gen).sample_probs
+        second = model(x, num_samples=T, generator=gen).sample_probs
+    assert not torch.equal(first, second)  # a generator is a stream: the next call draws fresh samples
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# MC dropout keeps BatchNorm in eval; sampling is cheap
+
+
+def test_mc_dropout_keeps_batchnorm_in_eval():
+    model = build("mc_dropout")
+    # Give the running statistics non-trivial values, as after training.
+    for norm in model.backbone.norms:
+        norm.running_mean.uniform_(-0.5, 0.5)
+        norm.running_var.uniform_(0.5, 1.5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        out = model(images(b=4), num_samples=T, seed=0)
+    assert not model.training
+    assert not any(m.training for m in model.modules())
+    after = model.state_dict()
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), key
+    sp = out.sample_probs
+    assert not torch.equal(sp[0], sp[1])
+    assert (out.std > 0).all()
+
+
+@pytest.mark.parametrize("kind", HEADS, ids=HEAD_IDS)
+@pytest.mark.parametrize("t", [1, 30])
+def test_backbone_runs_once_per_image_for_head_only_models(kind, t):
+    model = build(*kind)
+    rows = []
+    handle = model.backbone.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
+    try:
+        with torch.no_grad():
+            out = model(images(b=4), num_samples=t, seed=0)
+    finally:
+        handle.remove()
+    assert out.sample_probs.shape == (t, 4, 2)
+    assert len(rows) == 1  # one backbone call, never a Python loop over samples
+    if kind[1] == "all" and kind[0] == "variational":
+        assert rows == [4 * t]  # every layer is stochastic: the T weight samples are batched in one call
+    else:
+        assert rows == [4]  # the backbone sees B rows, not T*B
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Variational layers batched over T samples
+
+
+def _conv_layer(cls, bias, seed=0):
+    torch.manual_seed(seed)
+    layer = cls(3, 4, 3, padding=1, bias=bias, posterior_rho_init=-2.0)
+    layer.mu_kernel.data.normal_()
+    return layer
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_reparameterization_grouped_conv_equals_separate_convs(bias):
+    layer = _conv_layer(Conv2dReparameterization, bias)
+    t, b = 4, 2
+    x = torch.randn(b * t, 3, 6, 6)
+    torch.manual_seed(11)
+    out = apply_layer(layer, x, t, stochastic=True)
+    # Replay the same draws: T weight tensors then (if any) T bias vectors, in apply_layer's order.
+    torch.manual_seed(11)
+    sigma_w = F.softplus(layer.rho_kernel)
+    weights = layer.mu_kernel + sigma_w * torch.randn((t, *layer.mu_kernel.shape))
+    biases = [None] * t
+    if bias:
+        biases = layer.mu_bias + F.softplus(layer.rho_bias) * torch.randn((t, *layer.mu_bias.shape))
+    xs = x.reshape(b, t, 3, 6, 6)  # image-major: row i*T + s is image i, sample s
+    expected = torch.stack(
+        [torch.stack([F.conv2d(xs[i, s : s + 1], weights[s], biases[s], padding=1)[0] for s in range(t)])
+         for i in range(b)]
+    ).reshape(b * t, 4, 6, 6)
+    assert out.shape == (b * t, 4, 6, 6)
+    assert torch.allclose(out, expected, atol=1e-5)
+    # The T samples are distinct weights: the same image gives T different outputs.
+    same = x.reshape(b, t, 3, 6, 6)[:, :1].expand(b, t, 3, 6, 6).reshape(b * t, 3, 6, 6)
+    outs = apply_layer(layer, same, t, stochastic=True).reshape(b, t, -1)
+    for s in range(1, t):
+        assert not torch.allclose(outs[:, 0], outs[:, s])
+
+
+def test_reparameterization_linear_equals_separate_matmuls():
+    torch.manual_seed(0)
+    layer = LinearReparameterization(5, 3, posterior_rho_init=-2.0)
+    t, b = 4, 2
+    x = torch.randn(b * t, 5)
+    torch.manual_seed(3)
+    out = apply_layer(layer, x, t, stochastic=True)
+    torch.manual_seed(3)
+    weights = layer.mu_weight + F.softplus(layer.rho_weight) * torch.randn((t, 3, 5))
+    biases = layer.mu_bias + F.softplus(layer.rho_bias) * torch.randn((t, 3))
+    xs = x.reshape(b, t, 5)
+    expected = torch.stack([torch.stack([F.linear(xs[i, s], weights[s], biases[s]) for s in range(t)])
+                            for i in range(b)]).reshape(b * t, 3)
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", [Conv2dReparameterization, Conv2dFlipout])
+def test_variational_conv_mean_weights_when_not_stochastic(cls):
+    layer = _conv_layer(cls, bias=True)
+    x = torch.randn(6, 3, 5, 5)
+    expected = F.conv2d(x, layer.mu_kernel, layer.mu_bias, padding=1)
+    assert torch.allclose(apply_layer(layer, x, 3, stochastic=False), expected, atol=1e-6)
+
+
+def test_flipout_samples_are_distinct_and_centred():
+    layer = _conv_layer(Conv2dFlipout, bias=False)
+    t = 64
+    x = torch.randn(1, 3, 5, 5).expand(t, 3, 5, 5).contiguous()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = apply_layer(layer, x, t, stochastic=True)
+    mean_out = F.conv2d(x[:1], layer.mu_kernel, None, padding=1)
+    for s in range(1, t):
+        assert not torch.allclose(out[0], out[s])
+    # Flipout perturbations are zero-mean around the posterior-mean output.
+    spread = (out - mean_out).std()
+    assert (out.mean(0) - mean_out[0]).abs().mean() < 0.5 * spread
+
+
+@pytest.mark.parametrize("layer", ["reparameterization", "flipout"])
+def test_scope_all_samples_are_distinct_for_one_image(layer):
+    model = build("variational", "all", layer)
+    x = images(b=1)
+    with torch.no_grad():
+        features = model.backbone(x.expand(T, 3, 16, 16).contiguous(), T, True)
+    for s in range(1, T):
+        assert not torch.allclose(features[0], features[s])
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training-side outputs: loss and KL
+
+
+@pytest.mark.parametrize("kind", HEADS, ids=HEAD_IDS)
+def test_labels_give_nll_loss_and_kl(kind):
+    model = build(*kind)
+    x, labels = images(), torch.tensor([0, 1, 1])
+    with torch.no_grad():
+        out = model(x, num_samples=T, labels=labels, seed=0)
+    expected = -out.probs[torch.arange(B), labels].log().mean()
+    assert torch.allclose(out.loss, expected, atol=1e-6)
+    if kind[0] == "variational":
+        assert out.kl is not None and out.kl.item() > 0
+        assert torch.allclose(out.kl, model.kl_divergence())
+        assert torch.allclose(out.kl, sum(gaussian_kl(layer) for layer in model.bayesian_layers()))
+    else:
+        assert out.kl is None
+        assert model.kl_divergence().item() == 0
+
+
+def test_gaussian_kl_matches_closed_form():
+    layer = LinearReparameterization(4, 2, prior_mean=0.1, prior_variance=0.5, posterior_rho_init=-3.0)
+    sigma = F.softplus(layer.rho_weight)
+    kl_w = (math.log(0.5) - sigma.log() + (sigma**2 + (layer.mu_weight - 0.1) ** 2) / (2 * 0.25) - 0.5).sum()
+    sigma_b = F.softplus(layer.rho_bias)
+    kl_b = (math.log(0.5) - sigma_b.log() + (sigma_b**2 + (layer.mu_bias - 0.1) ** 2) / (2 * 0.25) - 0.5).sum()
+    assert torch.allclose(gaussian_kl(layer), kl_w + kl_b, rtol=1e-5)
+
+
+def test_training_step_backpropagates_into_posterior():
+    model = build("variational", "all", "reparameterization").train()
+    out = model(images(), num_samples=2, labels=torch.tensor([0, 1, 0]), seed=0)
+    assert out.kl is not None  # KL comes with every training forward
+    (out.loss + out.kl / 1000).backward()
+    conv = model.backbone.convs[0]
+    assert conv.mu_kernel.grad is not None and conv.mu_kernel.grad.abs().sum() > 0
+    assert conv.rho_kernel.grad is not None and conv.rho_kernel.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Initialisation
+
+
+def test_post_init_uses_he_init_not_normal_002():
+    config = BayesFakeConfig(head="deterministic")  # realistic widths: enough weights for a tight std estimate
+    model = BayesFakeDetector(config)
+    for conv in model.backbone.convs:
+        he = math.sqrt(2.0 / (conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]))  # fan_out
+        assert conv.weight.std().item() == pytest.approx(he, rel=0.2), conv
+        assert conv.weight.std().item() > 0.03  # never the default normal(0.02)
+    for norm in model.backbone.norms:
+        assert torch.equal(norm.weight, torch.ones_like(norm.weight))
+        assert torch.equal(norm.running_var, torch.ones_like(norm.running_var))
+
+
+def test_post_init_variational_layers():
+    model = BayesFakeDetector(BayesFakeConfig(head="variational", variational_scope="all", prior_mu=0.1,
+                                              prior_sigma=0.5, posterior_rho_init=-3.0))
+    for conv in model.backbone.convs:
+        fan_in = conv.mu_kernel[0].numel()
+        assert conv.mu_kernel.std().item() == pytest.approx(math.sqrt(2.0 / fan_in), rel=0.2)
+        assert conv.rho_kernel.mean().item() == pytest.approx(-3.0, abs=0.05)
+    for layer in model.bayesian_layers():
+        assert torch.equal(layer.prior_weight_mu, torch.full_like(layer.prior_weight_mu, 0.1))
+        assert torch.equal(layer.prior_weight_sigma, torch.full_like(layer.prior_weight_sigma, 0.5))
