@@ -1,0 +1,119 @@
+"""Post-hoc calibration of a BayesFake detector on validation data: temperature, decision threshold, reject rule.
+
+Everything here is fitted on the VALIDATION split only (never test) and returns plain numbers; the caller stores them
+in ``model.config`` (``calibration_temperature``, ``threshold``, ``reject_entropy``). Inputs are arrays or any object
+with the ``labels`` / ``p_fake`` / ``predictive_entropy`` arrays of ``train.evaluate.Predictions``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from scipy.optimize import minimize_scalar
+from sklearn.metrics import precision_recall_curve, roc_curve
+
+if TYPE_CHECKING:
+    from train.evaluate import Predictions
+
+# Search range of the temperature: wide enough for any sane network (x20 over- or under-confidence).
+TEMPERATURE_BOUNDS = (0.05, 20.0)
+# config.threshold must lie strictly inside (0, 1); curve thresholds can sit on 0, 1 or inf.
+THRESHOLD_EPS = 1e-6
+THRESHOLD_RULES = ("0.5", "f1_optimal", "youden_j")
+
+log = logging.getLogger(__name__)
+
+
+def mc_log_predictive(sample_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log of the Monte Carlo mean predictive, log mean_t softmax(z_t / temperature), [N, C] from [T, N, C].
+
+    This is what the detector outputs (it tempers every sampled logit, then averages); computed in log space so that
+    confidently wrong samples keep their full, finite penalty.
+    """
+    log_probs = torch.log_softmax(sample_logits / temperature, dim=-1)
+    return torch.logsumexp(log_probs, dim=0) - math.log(sample_logits.shape[0])
+
+
+def temperature_nll(sample_logits: torch.Tensor, labels: torch.Tensor, temperature: float) -> float:
+    """Mean negative log-likelihood of ``labels`` under the tempered Monte Carlo predictive."""
+    log_pred = mc_log_predictive(sample_logits, temperature)
+    return float(-log_pred.gather(1, labels.view(-1, 1)).mean())
+
+
+def fit_temperature(sample_logits, labels) -> float:
+    """The single temperature T > 0 minimising validation NLL of mean_t softmax(z_t / T).
+
+    Fitted on the raw sampled logits [T, N, 2] (``Predictions.sample_logits``), not on the averaged output: the
+    detector applies the temperature to each sample before averaging, and the average of tempered softmaxes is not a
+    tempered softmax of any mean logit, so only this objective is the NLL of what the deployed model will output.
+    A 1-D bounded Brent search on log T (scale-free, and T stays positive) is exact enough and needs no gradients.
+    """
+    logits = torch.as_tensor(np.asarray(sample_logits), dtype=torch.float64)
+    targets = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    if logits.dim() != 3 or logits.shape[1] != targets.shape[0]:
+        raise ValueError(f"need sample logits [T, N, C] and labels [N]; got {tuple(logits.shape)} and "
+                         f"{tuple(targets.shape)}")
+    low, high = (math.log(b) for b in TEMPERATURE_BOUNDS)
+    result = minimize_scalar(lambda log_t: temperature_nll(logits, targets, math.exp(log_t)),
+                             bounds=(low, high), method="bounded", options={"xatol": 1e-4})
+    temperature = float(math.exp(result.x))
+    if not TEMPERATURE_BOUNDS[0] * 1.01 < temperature < TEMPERATURE_BOUNDS[1] / 1.01:
+        # At a bound the optimum lies outside: the logits carry (almost) no signal, or are wildly miscalibrated.
+        log.warning("fitted temperature %.4g sits at the search bound %s", temperature, TEMPERATURE_BOUNDS)
+    return temperature
+
+
+def _clip_threshold(threshold: float) -> float:
+    return float(np.clip(threshold, THRESHOLD_EPS, 1.0 - THRESHOLD_EPS))
+
+
+def f1_optimal_threshold(labels: np.ndarray, p_fake: np.ndarray) -> float:
+    """Threshold on P(FAKE) (rule: FAKE when p >= threshold) maximising F1 of the FAKE class."""
+    precision, recall, thresholds = precision_recall_curve(labels, p_fake)
+    # The curve's last point (precision 1, recall 0) has no threshold.
+    precision, recall = precision[:-1], recall[:-1]
+    f1 = np.divide(2 * precision * recall, precision + recall, out=np.zeros_like(precision),
+                   where=(precision + recall) > 0)
+    return _clip_threshold(thresholds[np.argmax(f1)])
+
+
+def youden_threshold(labels: np.ndarray, p_fake: np.ndarray) -> float:
+    """Threshold on P(FAKE) maximising Youden's J = TPR - FPR (balanced sensitivity and specificity)."""
+    fpr, tpr, thresholds = roc_curve(labels, p_fake)
+    # roc_curve's first threshold is +inf (nothing flagged): J = 0 there, never the best unless nothing separates.
+    return _clip_threshold(thresholds[np.argmax(tpr - fpr)])
+
+
+def choose_thresholds(val_preds: Predictions, rule: str = "f1_optimal") -> dict[str, float]:
+    """Candidate thresholds on P(FAKE) chosen on validation, and the ``chosen`` one (``rule``, F1-optimal by default).
+
+    Returns {"0.5", "f1_optimal", "youden_j", "chosen"}; store ``chosen`` in ``config.threshold``.
+    """
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"rule must be one of {THRESHOLD_RULES}; got {rule!r}")
+    labels, p_fake = np.asarray(val_preds.labels), np.asarray(val_preds.p_fake)
+    if len(np.unique(labels)) < 2:
+        raise ValueError("choosing a threshold needs validation images of both classes")
+    thresholds = {
+        "0.5": 0.5,
+        "f1_optimal": f1_optimal_threshold(labels, p_fake),
+        "youden_j": youden_threshold(labels, p_fake),
+    }
+    thresholds["chosen"] = thresholds[rule]
+    return thresholds
+
+
+def choose_reject_entropy(val_preds: Predictions, *, reject_rate: float = 0.10) -> float:
+    """Predictive entropy (nats) above which ~``reject_rate`` of validation images go to human review.
+
+    The detector's rule is "uncertain when entropy > reject_entropy", so this is the (1 - reject_rate) quantile. It does
+    not depend on the decision threshold. Kept > 0 (the config requires it) even when most entropies are exactly 0.
+    """
+    if not 0.0 < reject_rate < 1.0:
+        raise ValueError(f"reject_rate must be in (0, 1); got {reject_rate}")
+    quantile = float(np.quantile(np.asarray(val_preds.predictive_entropy, dtype=np.float64), 1.0 - reject_rate))
+    return max(quantile, 1e-9)
