@@ -25,7 +25,11 @@ from hub_models.image_processing_bayesfake import BayesFakeImageProcessor
 
 LABELS = {"REAL": 0, "FAKE": 1}
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
-DEFAULT_CACHE = Path(os.environ.get("BAYESFAKE_CACHE", Path(__file__).resolve().parent.parent / "cache"))
+
+
+def default_cache_dir() -> Path:
+    """``$BAYESFAKE_CACHE``, else ``cache/`` at the repository root (git-ignored)."""
+    return Path(os.environ.get("BAYESFAKE_CACHE", Path(__file__).resolve().parent.parent / "cache"))
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +101,9 @@ def _cache_key(source: str, split: str, size: int) -> str:
     return hashlib.sha1(f"{ident}|{split}|{size}|v1".encode()).hexdigest()[:16]
 
 
-def load_split_arrays(source: str, size: int = 32, cache_dir: Path | None = DEFAULT_CACHE) -> dict[str, Split]:
-    """Decoded uint8 arrays per official split, from the cache when present."""
+def load_split_arrays(source: str, size: int = 32, cache_dir: Path | str | None = "auto") -> dict[str, Split]:
+    """Decoded uint8 arrays per official split, from the cache when present (``cache_dir=None``: no cache)."""
+    cache_dir = default_cache_dir() if cache_dir == "auto" else cache_dir
     processor = BayesFakeImageProcessor(size=size)
     raw = None
     out = {}
@@ -137,7 +142,7 @@ def carve_validation(images: np.ndarray, labels: np.ndarray, fraction: float, se
 
 
 def load_splits(source: str, val_fraction: float = 0.05, seed: int = 0, size: int = 32,
-                cache_dir: Path | None = DEFAULT_CACHE) -> dict[str, Split]:
+                cache_dir: Path | str | None = "auto") -> dict[str, Split]:
     """{"train", "val", "test"} uint8 arrays; "val" is carved from train (seeded), "test" kept for final reports.
 
     A source without a test split (an image folder) gets its test carved from train with the same seed.
