@@ -1,0 +1,355 @@
+"""The Space served for real on 127.0.0.1, called through gradio_client: every endpoint, a load failure, a corpus of bad
+and unusual files, repeatability, and concurrent clients. Detectors are tiny exported ones (the released ones may not
+exist yet), plus one bogus id that must fail to load without taking the others down."""
+
+import io
+import json
+import os
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from hub_models import BayesFakeConfig, BayesFakeDetector  # noqa: E402
+from hub_models.export import export_detector  # noqa: E402
+from hub_models.hub import load_detector  # noqa: E402
+from hub_models.image_processing_bayesfake import load_image  # noqa: E402
+from space import app  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO_ROOT / "space" / "examples"
+FAKE_EXAMPLE = EXAMPLES / "cifake_fake_1.jpg"
+REAL_EXAMPLE = EXAMPLES / "cifake_real_1.jpg"
+BOGUS_ID = "bayesfake/no-such-detector"
+TINY_DOMAIN = "CIFAKE (tiny untrained test detector)"
+RESULT_FIELDS = {"probs", "std", "predictive_entropy", "mutual_information", "expected_entropy", "verdict",
+                 "threshold", "num_samples", "sample_p_fake", "training_domain", "warnings", "seed"}
+VERDICTS = {"likely AI-generated", "likely real", "uncertain: needs human review"}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Helpers shared with test_space_browser.py
+
+
+def export_tiny_detectors(folder: Path) -> list[str]:
+    """An MC-Dropout and a variational detector, small enough to load and run in milliseconds."""
+    paths = []
+    for head in ("mc_dropout", "variational"):
+        torch.manual_seed(0)
+        config = BayesFakeConfig(cnn_widths=[4, 8, 8], head_hidden=[8], head=head, training_domain=TINY_DOMAIN)
+        paths.append(str(export_detector(BayesFakeDetector(config), folder / f"tiny-{head}")))
+    return paths
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_space(model_ids: list[str]):
+    """Build the Space on ``model_ids`` and serve it on a free local port; returns (demo, url)."""
+    demo = app.build_demo(model_ids)
+    demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
+                max_file_size=app.MAX_FILE_SIZE)
+    return demo, demo.local_url.rstrip("/")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Files: unreadable ones (each must give an error) and unusual-but-readable ones (each must give an answer + warning)
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+
+def gray_png(width: int, height: int, rows: int | None = None) -> bytes:
+    """A valid 8-bit grayscale PNG of zeros (``rows`` of them encoded, the rest missing), compressed as it streams:
+    a few hundred KB on disk for 100M pixels, the shape of a decompression bomb."""
+    compressor = zlib.compressobj(9)
+    row = b"\x00" * (width + 1)  # filter byte + pixels
+    data = b"".join(compressor.compress(row) for _ in range(height if rows is None else rows)) + compressor.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", data) + png_chunk(b"IEND", b"")
+
+
+def jpeg_bytes(size=(64, 64), mode="RGB") -> bytes:
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def unreadable_files(folder: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (file, a phrase the error must contain)."""
+    good_jpeg = jpeg_bytes()
+    files = {
+        "corrupt.jpg": (good_jpeg[:20] + bytes(range(256)) * 8, "not a readable image"),
+        "truncated.jpg": (good_jpeg[: len(good_jpeg) // 2], "truncated"),
+        "empty.png": (b"", "empty"),
+        "bomb.png": (gray_png(10_000, 10_000), "too large"),  # 100M pixels in ~100 KB
+        "huge_header.png": (gray_png(40_000, 40_000, rows=1), "too many pixels"),  # PIL's own bomb limit
+        "one_pixel.png": (None, "too small"),
+        "not_an_image.png": (b"this is a text file, not an image\n" * 20, "not a readable image"),
+    }
+    out = {}
+    for name, (data, phrase) in files.items():
+        path = folder / name
+        if data is None:
+            Image.new("RGB", (1, 1), (10, 20, 30)).save(path)
+        else:
+            path.write_bytes(data)
+        out[name] = (path, phrase)
+    return out
+
+
+def unusual_files(folder: Path) -> dict[str, tuple[Path, str]]:
+    """name -> (file, a phrase the out-of-domain warning must contain)."""
+    rng = np.random.default_rng(1)
+    rgb = Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8))
+    out = {}
+    (folder / "cmyk.jpg").write_bytes(jpeg_bytes((40, 40), "CMYK"))
+    out["cmyk.jpg"] = (folder / "cmyk.jpg", "CMYK")
+    Image.fromarray(rng.integers(0, 65536, (40, 40), dtype=np.uint16)).save(folder / "gray16.png")
+    out["gray16.png"] = (folder / "gray16.png", "16")
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(128)
+    rgba.save(folder / "rgba.png")
+    out["rgba.png"] = (folder / "rgba.png", "RGBA")
+    rgb.convert("P", palette=Image.Palette.ADAPTIVE).save(folder / "palette.png")
+    out["palette.png"] = (folder / "palette.png", "palette")
+    frames = [Image.new("RGB", (40, 40), color) for color in ((255, 0, 0), (0, 255, 0), (0, 0, 255))]
+    frames[0].save(folder / "animated.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    out["animated.gif"] = (folder / "animated.gif", "only the first frame")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(scope="module")
+def detector_dirs(tmp_path_factory):
+    return export_tiny_detectors(tmp_path_factory.mktemp("detectors"))
+
+
+@pytest.fixture(scope="module")
+def server(detector_dirs):
+    demo, url = launch_space([*detector_dirs, BOGUS_ID])
+    yield url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return Client(server, verbose=False)
+
+
+def predict(client, path, num_samples=8, detectors=None):
+    return client.predict(handle_file(str(path)), num_samples, detectors, api_name="/predict")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Endpoints
+
+
+def test_api_lists_exactly_the_three_endpoints(client):
+    assert set(client.view_api(return_format="dict", print_info=False)["named_endpoints"]) == {
+        "/predict", "/predict_batch", "/models"}
+
+
+def test_models_reports_loaded_configs_and_the_load_failure(client, detector_dirs):
+    models = client.predict(api_name="/models")
+    assert [m["name"] for m in models["loaded"]] == detector_dirs
+    assert [m["config"]["head"] for m in models["loaded"]] == ["mc_dropout", "variational"]
+    assert all(m["config"]["training_domain"] == TINY_DOMAIN for m in models["loaded"])
+    [failure] = models["failed"]
+    assert failure["name"] == BOGUS_ID and BOGUS_ID in failure["error"]
+
+
+def test_page_shows_the_load_failure(client):
+    page_config = json.dumps(client.config)
+    assert "failed to load" in page_config and BOGUS_ID in page_config
+
+
+def test_predict_returns_every_field_per_detector(client, detector_dirs):
+    answer = predict(client, FAKE_EXAMPLE, num_samples=12)
+    assert answer["image"] == {"name": FAKE_EXAMPLE.name, "width": 32, "height": 32, "mode": "RGB", "format": "JPEG",
+                               "frames": 1}
+    assert list(answer["detectors"]) == detector_dirs
+    for result in answer["detectors"].values():
+        assert RESULT_FIELDS <= set(result)
+        assert result["num_samples"] == 12 and len(result["sample_p_fake"]) == 12
+        assert result["probs"]["REAL"] + result["probs"]["FAKE"] == pytest.approx(1, abs=1e-5)
+        assert result["probs"]["FAKE"] == pytest.approx(np.mean(result["sample_p_fake"]), abs=1e-5)
+        assert result["std"]["FAKE"] == pytest.approx(np.std(result["sample_p_fake"]), abs=1e-5)
+        assert result["predictive_entropy"] == pytest.approx(
+            result["mutual_information"] + result["expected_entropy"], abs=1e-5)
+        assert result["verdict"] in VERDICTS
+        assert result["warnings"] == []  # a 32x32 RGB JPEG is exactly the training domain
+
+
+def test_predict_equals_the_raw_model_with_the_request_seed(client, detector_dirs):
+    answer = predict(client, FAKE_EXAMPLE, num_samples=10)
+    for folder in detector_dirs:
+        model, processor = load_detector(folder)
+        with torch.no_grad():
+            out = model(processor(load_image(str(FAKE_EXAMPLE)), return_tensors="pt")["pixel_values"],
+                        num_samples=10, seed=app.SEED)
+        result = answer["detectors"][folder]
+        assert result["probs"]["FAKE"] == pytest.approx(out.probs[0, 1].item(), abs=1e-6)
+        assert result["mutual_information"] == pytest.approx(out.mutual_information[0].item(), abs=1e-6)
+        assert result["verdict"] == model.verdicts(out)[0]
+
+
+def test_predict_is_repeatable_and_honours_detector_choice(client, detector_dirs):
+    assert predict(client, REAL_EXAMPLE) == predict(client, REAL_EXAMPLE)
+    only_one = predict(client, REAL_EXAMPLE, detectors=[detector_dirs[1]])
+    assert list(only_one["detectors"]) == [detector_dirs[1]]
+    with pytest.raises(AppError, match="unknown detector"):
+        predict(client, REAL_EXAMPLE, detectors=[BOGUS_ID])
+
+
+@pytest.mark.parametrize("num_samples", [0, app.MAX_NUM_SAMPLES + 1, 2.5])
+def test_predict_refuses_a_bad_num_samples(client, num_samples):
+    with pytest.raises(AppError, match="num_samples"):
+        predict(client, REAL_EXAMPLE, num_samples=num_samples)
+
+
+def test_out_of_domain_example_is_answered_with_warnings(client):
+    answer = predict(client, EXAMPLES / "synthetic_still_life_1024x768_rgba.png")
+    for result in answer["detectors"].values():
+        text = " ".join(result["warnings"])
+        assert "1024x768" in text and "32x32" in text and "RGBA" in text
+
+
+def test_predict_batch_answers_each_image_and_reports_unreadable_ones(client, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a png")
+    answers = client.predict([handle_file(str(p)) for p in (FAKE_EXAMPLE, bad, REAL_EXAMPLE)], 8, None,
+                             api_name="/predict_batch")
+    assert len(answers) == 3
+    assert answers[1]["file"] == "broken.png" and "not a readable image" in answers[1]["error"]
+    # the same image gives the same numbers alone and in a batch
+    assert answers[0] == predict(client, FAKE_EXAMPLE)
+    assert answers[2] == predict(client, REAL_EXAMPLE)
+    with pytest.raises(AppError, match="no images"):
+        client.predict([], 8, None, api_name="/predict_batch")
+
+
+def test_batch_size_is_limited(detector_dirs):
+    pool = app.DetectorPool.load(detector_dirs[:1])
+    with pytest.raises(ValueError, match=f"at most {app.MAX_BATCH_IMAGES}"):
+        pool.analyse_files([str(REAL_EXAMPLE)] * (app.MAX_BATCH_IMAGES + 1), 4)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Bad input
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL's notice on bomb.png's header
+def test_every_unreadable_file_gives_a_clear_error_and_the_server_keeps_answering(client, tmp_path):
+    for name, (path, phrase) in unreadable_files(tmp_path).items():
+        with pytest.raises(AppError) as caught:
+            predict(client, path)
+        message = str(caught.value)
+        assert name in message and phrase in message, f"{name}: {message}"
+        assert "/tmp/gradio" not in message, f"{name}: the error leaks a server path: {message}"
+    assert set(predict(client, FAKE_EXAMPLE)["detectors"])  # still up and answering
+
+
+def test_unusual_but_readable_files_are_answered_with_a_warning(client, tmp_path):
+    for name, (path, phrase) in unusual_files(tmp_path).items():
+        answer = predict(client, path)
+        for result in answer["detectors"].values():
+            assert any(phrase in warning for warning in result["warnings"]), f"{name}: {result['warnings']}"
+
+
+def test_plain_string_paths_are_refused(client):
+    """A bare string would name a file on the server: the API only accepts uploaded files."""
+    with pytest.raises(AppError):
+        client.predict(str(FAKE_EXAMPLE), 8, None, api_name="/predict")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Load
+
+
+def test_eight_concurrent_clients_are_all_answered_identically(server):
+    answers, failures = {}, []
+
+    def worker(i):
+        try:
+            client = Client(server, verbose=False)
+            answers[i] = [predict(client, path) for path in (FAKE_EXAMPLE, REAL_EXAMPLE)]
+        except Exception as err:  # noqa: BLE001 - every failure is counted and reported
+            failures.append(f"client {i}: {type(err).__name__}: {err}")
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert failures == [] and len(answers) == 8
+    # concurrent requests sample with the same seed and must not disturb each other's draws
+    assert all(answer == answers[0] for answer in answers.values())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Start-up
+
+
+def test_model_ids_come_from_the_flag_then_the_env_then_the_defaults(monkeypatch):
+    monkeypatch.setenv(app.MODELS_ENV, "a/b, ./c ,")
+    assert app.model_ids_from(None) == ["a/b", "./c"]
+    assert app.model_ids_from("x/y") == ["x/y"]
+    monkeypatch.delenv(app.MODELS_ENV)
+    assert app.model_ids_from(None) == list(app.DEFAULT_REPO_IDS)
+
+
+def test_module_level_demo_is_built_once_on_the_default_models():
+    """`from space.app import demo` (what gradio's reload mode and Spaces tooling look up) gives the default Space."""
+    import gradio as gr
+
+    assert isinstance(app.demo, gr.Blocks) and app.demo is app.demo
+
+
+def test_python_space_app_py_serves_on_the_env_port(detector_dirs, tmp_path):
+    """`python space/app.py` from the repo root: --models, GRADIO_SERVER_NAME/PORT, answers /models."""
+    port = free_port()
+    env = dict(os.environ, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), HF_HUB_OFFLINE="1",
+               GRADIO_ANALYTICS_ENABLED="False", BAYESFAKE_MODELS=BOGUS_ID)
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, "space/app.py", "--models", detector_dirs[0]], cwd=REPO_ROOT,
+                                   env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, f"the app exited:\n{log_path.read_text()}"
+            try:
+                models = Client(f"http://127.0.0.1:{port}", verbose=False).predict(api_name="/models")
+                break
+            except Exception:  # noqa: BLE001 - not listening yet
+                assert time.monotonic() < deadline, f"no answer in 120 s:\n{log_path.read_text()}"
+                time.sleep(0.5)
+        # the flag wins over BAYESFAKE_MODELS
+        assert [m["name"] for m in models["loaded"]] == detector_dirs[:1] and models["failed"] == []
+    finally:
+        process.terminate()
+        process.wait(timeout=30)

@@ -1,0 +1,113 @@
+"""The Space's page driven in Debian's chromium with Playwright: upload, analyse, charts, verdict, a bad file, the batch
+tab. Screenshots go to the test's tmp_path. Needs /usr/bin/chromium (scripts/test.sh installs it on a fresh machine)."""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import pytest  # noqa: E402
+from playwright.sync_api import expect, sync_playwright  # noqa: E402
+from test_space_app import BOGUS_ID, EXAMPLES, export_tiny_detectors, launch_space  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+TIMEOUT_MS = 60_000  # two shared CPU cores: a first analysis (plots included) can take a few seconds
+CHART_IDS = ("p-fake-plot", "uncertainty-plot", "samples-plot")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    demo, url = launch_space([*export_tiny_detectors(tmp_path_factory.mktemp("detectors")), BOGUS_ID])
+    yield url
+    demo.close()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not Path(CHROMIUM).is_file():
+        pytest.fail(f"{CHROMIUM} is missing: `apt-get install -y chromium` (scripts/test.sh does it)")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, server):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(TIMEOUT_MS)
+    page.goto(server)
+    yield page
+    page.close()
+
+
+def wait_until_idle(page):
+    """Wait for the running event to finish: gradio fades (class "pending") every output while it runs."""
+    expect(page.locator(".pending")).to_have_count(0)
+
+
+def test_upload_and_analyse_shows_verdicts_and_charts(page, tmp_path):
+    expect(page.locator("#load-errors")).to_contain_text(BOGUS_ID)  # the failed detector is named on the page
+    verdict = page.locator("#verdict")
+    page.locator("#image-input input[type=file]").set_input_files(str(EXAMPLES / "cifake_fake_1.jpg"))
+    expect(verdict).to_contain_text("T = 30 samples")  # an upload runs the detectors with the default T
+    page.locator("#num-samples input[type=number]").fill("12")
+    page.locator("#num-samples input[type=number]").press("Enter")
+    page.locator("#run").click()
+    expect(verdict).to_contain_text("T = 12 samples")
+    wait_until_idle(page)
+    expect(verdict).to_contain_text("tiny-mc_dropout")
+    expect(verdict).to_contain_text("tiny-variational")
+    expect(verdict).to_contain_text("Trained on")
+    assert any(words in verdict.inner_text() for words in ("likely AI-generated", "likely real", "uncertain"))
+    for chart in CHART_IDS:
+        expect(page.locator(f"#{chart} img")).to_be_visible()
+    shot = tmp_path / "space_one_image.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 50_000  # a page with three rendered charts, not a blank one
+
+
+def test_out_of_domain_example_shows_the_warning(page):
+    page.locator("#image-input input[type=file]").set_input_files(
+        str(EXAMPLES / "synthetic_still_life_1024x768_rgba.png"))
+    expect(page.locator("#verdict")).to_contain_text("Far from this detector's training data")
+    expect(page.locator("#verdict")).to_contain_text("1024x768")
+
+
+def test_a_bad_file_gets_a_clear_message_and_the_page_keeps_working(page, tmp_path):
+    bad = tmp_path / "not_an_image.png"
+    bad.write_text("this is text, not an image\n")
+    page.locator("#image-input input[type=file]").set_input_files(str(bad))
+    expect(page.locator("#verdict")).to_contain_text("Could not analyse this image")
+    expect(page.locator("#verdict")).to_contain_text("not a readable image")
+    expect(page.locator(".toast-body.warning")).to_contain_text("not_an_image.png: not a readable image")
+    wait_until_idle(page)
+    page.screenshot(path=str(tmp_path / "space_bad_file.png"), full_page=True)
+    page.locator("#image-input button[aria-label='Remove Image']").click()
+    page.locator("#image-input input[type=file]").set_input_files(str(EXAMPLES / "cifake_real_1.jpg"))
+    expect(page.locator("#verdict")).to_contain_text("P(FAKE) =")
+    expect(page.locator("#p-fake-plot img")).to_be_visible()
+
+
+def test_batch_tab_gives_a_table_a_csv_and_charts(page, tmp_path):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff garbage")
+    page.get_by_role("tab", name="Batch").click()
+    files = [EXAMPLES / "cifake_real_2.jpg", EXAMPLES / "cifake_fake_2.jpg", bad]
+    page.locator("#batch-input input[type=file]").set_input_files([str(f) for f in files])
+    page.locator("#run-batch").click()
+    expect(page.locator("#batch-status")).to_contain_text("2 of 3 images analysed")
+    table = page.locator("#batch-table")
+    for name in ("cifake_real_2.jpg", "cifake_fake_2.jpg", "broken.jpg", "not a readable image"):
+        expect(table).to_contain_text(name)
+    expect(page.locator("#batch-csv")).to_contain_text(".csv")
+    csv_text = page.request.get(page.locator("#batch-csv a").first.get_attribute("href")).text()
+    assert csv_text.startswith("file,detector,verdict,P(FAKE),std,epistemic,aleatoric,total,T,error,warnings")
+    assert csv_text.count("cifake_real_2.jpg") == 2 and "broken.jpg" in csv_text  # a row per detector, and the error
+    for chart in ("batch-p-fake-plot", "batch-epistemic-plot"):
+        expect(page.locator(f"#{chart} img")).to_be_visible()
+    wait_until_idle(page)
+    page.screenshot(path=str(tmp_path / "space_batch.png"), full_page=True)
