@@ -7,6 +7,7 @@ bundled folder under ``hub_models/``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -79,15 +80,23 @@ def load_detector(name_or_path: str | os.PathLike, **kwargs):
 
 
 def seed_hub_cache(folder: str | os.PathLike, repo_id: str, cache_dir: str | os.PathLike,
-                   commit: str = "0" * 40) -> Path:
+                   commit: str | None = None) -> Path:
     """Lay a detector folder into a Hub cache as ``snapshot_download`` leaves it (refs/main -> snapshots/COMMIT).
 
     Lets the offline path (``HF_HUB_OFFLINE=1`` + repo id) be exercised here, and pre-seeds a cache for air-gapped use.
+    The default COMMIT is a hash of the folder's content: transformers caches remote code per (repo id, commit) and
+    never refreshes it, so re-seeding changed code under a fixed commit would silently load the old code.
     """
+    folder = check_repo_folder(folder)
+    if commit is None:
+        digest = hashlib.sha1()
+        for item in sorted(p for p in folder.iterdir() if p.is_file()):
+            digest.update(item.name.encode() + b"\0" + item.read_bytes() + b"\0")
+        commit = digest.hexdigest()
     repo_dir = Path(cache_dir) / f"models--{repo_id.replace('/', '--')}"
     snapshot = repo_dir / "snapshots" / commit
     snapshot.mkdir(parents=True, exist_ok=True)
-    for item in check_repo_folder(folder).iterdir():
+    for item in folder.iterdir():
         if item.is_file():
             shutil.copy2(item, snapshot / item.name)
     (repo_dir / "refs").mkdir(exist_ok=True)

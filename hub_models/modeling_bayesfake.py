@@ -74,8 +74,9 @@ def apply_layer(layer: nn.Module, x: torch.Tensor, num_samples: int, stochastic:
     """Apply a (possibly Bayesian) conv/linear layer to ``x`` of shape [B*T, ...] with T = ``num_samples``.
 
     Reparameterization layers draw T independent weight tensors and apply them in one grouped conv / batched matmul
-    (exact independent samples). Flipout layers use bayesian-torch's own forward: its per-example sign flips give every
-    row its own weight perturbation with the exact marginal distribution, so the T copies are distinct samples.
+    (exact independent samples). Flipout layers do the same at inference (eval mode): the posterior N(mu, sigma^2) is the
+    same, and one grouped conv per layer costs a third of flipout's two convs and two sign tensors per row. In training
+    they use bayesian-torch's own forward, whose per-example sign flips decorrelate the gradients of a minibatch.
     With ``stochastic=False`` a Bayesian layer uses its posterior mean weights.
     """
     if not isinstance(layer, BAYES_LAYERS):
@@ -84,7 +85,7 @@ def apply_layer(layer: nn.Module, x: torch.Tensor, num_samples: int, stochastic:
     is_conv = isinstance(layer, BAYES_CONV)
     if not stochastic:
         return F.conv2d(x, mu_w, mu_b, **_conv_args(layer)) if is_conv else F.linear(x, mu_w, mu_b)
-    if isinstance(layer, (Conv2dFlipout, LinearFlipout)):
+    if isinstance(layer, (Conv2dFlipout, LinearFlipout)) and layer.training:
         return layer(x, return_kl=False)
     t = num_samples
     weight = mu_w + _softplus_sigma(rho_w) * torch.randn((t, *mu_w.shape), device=x.device, dtype=x.dtype)

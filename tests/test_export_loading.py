@@ -246,7 +246,8 @@ def test_kl_round_trip_with_garbage_allocator(tmp_path, monkeypatch):
 
 def test_repo_id_from_offline_cache(exported, hub_cache):
     snapshot = seed_hub_cache(exported, "someorg/tiny", hub_cache)
-    assert (hub_cache / "models--someorg--tiny" / "refs" / "main").read_text() == "0" * 40
+    commit = (hub_cache / "models--someorg--tiny" / "refs" / "main").read_text()
+    assert snapshot.name == commit and len(commit) == 40 and int(commit, 16) >= 0
     assert resolve("someorg/tiny") == snapshot
     model = AutoModel.from_pretrained("someorg/tiny", trust_remote_code=True).eval()
     reference = AutoModel.from_pretrained(exported, trust_remote_code=True).eval()
@@ -256,6 +257,21 @@ def test_repo_id_from_offline_cache(exported, hub_cache):
     model, processor = load_detector("someorg/tiny")
     assert type(model).__name__ == "BayesFakeDetector"
     assert processor.size == 16
+
+
+def test_reseeding_changed_code_loads_the_new_code(writable, hub_cache):
+    """transformers caches remote code per (repo id, commit) for good: a re-seeded folder must get a new commit."""
+    first = seed_hub_cache(writable, "someorg/tiny", hub_cache)
+    assert not hasattr(__import__(type(AutoModel.from_pretrained("someorg/tiny", trust_remote_code=True)).__module__,
+                                  fromlist=["_"]), "SEEDING_MARKER")
+    with open(writable / "modeling_bayesfake.py", "a") as f:
+        f.write("\nSEEDING_MARKER = 1\n")
+    second = seed_hub_cache(writable, "someorg/tiny", hub_cache)
+    assert second != first
+    assert (hub_cache / "models--someorg--tiny" / "refs" / "main").read_text() == second.name
+    model = AutoModel.from_pretrained("someorg/tiny", trust_remote_code=True)
+    assert __import__(type(model).__module__, fromlist=["_"]).SEEDING_MARKER == 1
+    assert seed_hub_cache(writable, "someorg/tiny", hub_cache) == second  # same content, same commit
 
 
 def test_unknown_repo_id_offline(hub_cache):

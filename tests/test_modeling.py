@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from bayesian_torch.layers import Conv2dFlipout, Conv2dReparameterization, LinearReparameterization
+from bayesian_torch.layers import Conv2dFlipout, Conv2dReparameterization, LinearFlipout, LinearReparameterization
 
 from hub_models.configuration_bayesfake import BayesFakeConfig
 from hub_models.modeling_bayesfake import BayesFakeDetector, apply_layer, gaussian_kl
@@ -247,12 +247,14 @@ def _conv_layer(cls, bias, seed=0):
     torch.manual_seed(seed)
     layer = cls(3, 4, 3, padding=1, bias=bias, posterior_rho_init=-2.0)
     layer.mu_kernel.data.normal_()
-    return layer
+    return layer.eval()
 
 
+@pytest.mark.parametrize("cls", [Conv2dReparameterization, Conv2dFlipout])
 @pytest.mark.parametrize("bias", [False, True])
-def test_reparameterization_grouped_conv_equals_separate_convs(bias):
-    layer = _conv_layer(Conv2dReparameterization, bias)
+def test_grouped_conv_equals_separate_convs(cls, bias):
+    """At inference both layer families draw T independent weights and apply them as one grouped conv."""
+    layer = _conv_layer(cls, bias)
     t, b = 4, 2
     x = torch.randn(b * t, 3, 6, 6)
     torch.manual_seed(11)
@@ -278,9 +280,10 @@ def test_reparameterization_grouped_conv_equals_separate_convs(bias):
         assert not torch.allclose(outs[:, 0], outs[:, s])
 
 
-def test_reparameterization_linear_equals_separate_matmuls():
+@pytest.mark.parametrize("cls", [LinearReparameterization, LinearFlipout])
+def test_batched_linear_equals_separate_matmuls(cls):
     torch.manual_seed(0)
-    layer = LinearReparameterization(5, 3, posterior_rho_init=-2.0)
+    layer = cls(5, 3, posterior_rho_init=-2.0).eval()
     t, b = 4, 2
     x = torch.randn(b * t, 5)
     torch.manual_seed(3)
@@ -302,8 +305,19 @@ def test_variational_conv_mean_weights_when_not_stochastic(cls):
     assert torch.allclose(apply_layer(layer, x, 3, stochastic=False), expected, atol=1e-6)
 
 
+def test_flipout_in_training_uses_bayesian_torch_forward():
+    """Training keeps flipout's per-example sign flips (decorrelated gradients), i.e. bayesian-torch's own forward."""
+    layer = _conv_layer(Conv2dFlipout, bias=True).train()
+    x = torch.randn(6, 3, 5, 5)
+    torch.manual_seed(4)
+    out = apply_layer(layer, x, 3, stochastic=True)
+    torch.manual_seed(4)
+    expected = layer(x, return_kl=False)
+    assert torch.equal(out, expected)
+
+
 def test_flipout_samples_are_distinct_and_centred():
-    layer = _conv_layer(Conv2dFlipout, bias=False)
+    layer = _conv_layer(Conv2dFlipout, bias=False).train()
     t = 64
     x = torch.randn(1, 3, 5, 5).expand(t, 3, 5, 5).contiguous()
     torch.manual_seed(0)
