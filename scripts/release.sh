@@ -10,7 +10,7 @@ names=("$@")
 for name in "${names[@]}"; do
     [ -f "runs/$name/final/model.safetensors" ] || python -m train.train "train/configs/$name.yaml" \
         $( [ -f "runs/$name/checkpoint.pt" ] && echo --resume )
-    python -m train.evaluate "runs/$name/final" --split test --num-samples 30 --out "runs/$name/eval_test" \
+    python -m train.evaluate "runs/$name/final" --split test --out "runs/$name/eval_test" \
         --export "hub_models/$name" \
-        --command "python -m train.train train/configs/$name.yaml && python -m train.evaluate runs/$name/final --split test --num-samples 30 --export hub_models/$name   # = bash scripts/release.sh $name"
+        --command "python -m train.train train/configs/$name.yaml && python -m train.evaluate runs/$name/final --split test --export hub_models/$name   # = bash scripts/release.sh $name"
 done
