@@ -25,13 +25,7 @@ STOCHASTIC_IDS = ["-".join(h) for h in STOCHASTIC_HEADS]
 B, T = 3, 5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread is fastest, and 100x faster than two when another job holds the other core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(head, scope="head", layer="reparameterization", seed=0, **overrides):
