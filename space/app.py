@@ -9,6 +9,8 @@ The server honours GRADIO_SERVER_NAME / GRADIO_SERVER_PORT.
 API (``gradio_client``; image files go through ``handle_file``):
     /predict        (image, num_samples=30, detectors=None) -> {"image": {...}, "detectors": {name: result}}
     /predict_batch  (images, num_samples=30, detectors=None) -> [one /predict answer, or {"file", "error"}, ...]
+    /explain        (image, num_samples=30, detectors=None) -> {"image": {...}, "detectors": {name: saliency map and
+                    top features}}
     /models         () -> {"loaded": [{name, config}], "failed": [{name, error}]}
 Answers are repeatable: every request samples with the same seed.
 """
@@ -38,6 +40,7 @@ import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")  # headless server; figures are built with the object API (no pyplot state shared by threads)
 
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from gradio.data_classes import FileData  # noqa: E402
@@ -57,6 +60,7 @@ SEED = 0
 # Smaller images carry too little signal to judge; they are refused rather than upscaled into a confident verdict.
 MIN_IMAGE_SIDE = 8
 MAX_BATCH_IMAGES = 64
+TOP_FEATURES = 10  # features listed per detector in an explanation
 MAX_FILE_SIZE = "25mb"
 BATCH_CSV_DIR = Path(tempfile.gettempdir()) / "bayesfake-batch"
 BATCH_CSV_MAX_AGE_S = 3600
@@ -218,6 +222,25 @@ class Detector:
             "warnings": domain_warnings(image, self.config),
         }
 
+    def explain(self, image: InputImage, num_samples: int) -> dict:
+        """Why: the input-gradient saliency map (normalised to [0, 1], at the detector's input size) and the backbone
+        features that move P(FAKE) most (gradient x feature), from ``model.explain``."""
+        pixel_values = self.processor(image.rgb, return_tensors="pt")["pixel_values"]
+        with INFERENCE_LOCK:
+            out = self.model.explain(pixel_values, num_samples=num_samples, seed=SEED)
+        saliency = out["saliency"][0]
+        saliency = saliency / saliency.max().clamp_min(1e-12)
+        importance, gradient = out["feature_importance"][0], out["feature_gradient"][0]
+        top = importance.topk(min(TOP_FEATURES, importance.numel())).indices.tolist()
+        return {
+            "detector": self.name,
+            "p_fake": out["p_fake"][0].item(),
+            "num_samples": num_samples,
+            "saliency": [[round(v, 4) for v in row] for row in saliency.tolist()],
+            "top_features": [{"feature": i, "importance": importance[i].item(), "gradient": gradient[i].item()}
+                             for i in top],
+        }
+
     def describe(self) -> dict:
         # Through JSON: the config's id2label has int keys, which the server's JSON encoder refuses.
         return {"name": self.name, "config": json.loads(self.config.to_json_string())}
@@ -266,6 +289,13 @@ class DetectorPool:
         num_samples = checked_num_samples(num_samples)
         return {"image": image.describe(),
                 "detectors": {d.name: d.predict(image, num_samples) for d in detectors}}
+
+    def explain(self, image: InputImage, num_samples, names: list[str] | None = None) -> dict:
+        """What ``/explain`` answers for one decoded image."""
+        detectors = self.select(names)
+        num_samples = checked_num_samples(num_samples)
+        return {"image": image.describe(),
+                "detectors": {d.name: d.explain(image, num_samples) for d in detectors}}
 
     def analyse_files(self, paths: list[str], num_samples, names: list[str] | None = None) -> list[dict]:
         """One answer per file; a file that cannot be read gives ``{"file", "error"}`` and the others still run."""
@@ -394,6 +424,28 @@ def samples_chart(results: list[dict]) -> Figure:
     return fig
 
 
+def explanation_chart(image: InputImage, explanations: list[dict]) -> Figure:
+    """Per detector: where in the image P(FAKE) is most sensitive (saliency over the detector's view of the image),
+    and the backbone features that move it most (red pushes towards FAKE, blue towards REAL)."""
+    fig = Figure(figsize=(9.0, 2.8 * len(explanations)), layout="constrained")
+    for row, e in enumerate(explanations):
+        saliency = np.asarray(e["saliency"])
+        view = np.asarray(image.rgb.convert("RGB").resize(saliency.shape[::-1], Image.Resampling.BICUBIC))
+        ax = fig.add_subplot(len(explanations), 2, 2 * row + 1)
+        ax.imshow(view)
+        ax.imshow(saliency, cmap="inferno", alpha=0.6, vmin=0, vmax=1)
+        ax.set_axis_off()
+        ax.set_title(f"{short_label(e['detector'])}: saliency |dP(FAKE)/dpixel|", fontsize=9)
+        ax = fig.add_subplot(len(explanations), 2, 2 * row + 2)
+        top = e["top_features"][::-1]
+        ax.barh([f"#{f['feature']}" for f in top], [f["importance"] for f in top],
+                color=["#c0392b" if f["gradient"] > 0 else "#2e86c1" for f in top])
+        ax.set_xlabel("|feature x dP(FAKE)/dfeature|", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.set_title(f"Top features (P(FAKE) = {e['p_fake']:.3f}; red: towards FAKE)", fontsize=9)
+    return fig
+
+
 def batch_charts(answers: list[dict], names: list[str]) -> tuple[Figure, Figure]:
     """P(FAKE) with error bars and the epistemic uncertainty per image, one series per detector."""
     done = [a for a in answers if "detectors" in a]
@@ -510,6 +562,7 @@ answer = client.predict(handle_file("photo.jpg"), 30, api_name="/predict")
 for name, r in answer["detectors"].items():
     print(name, r["verdict"], r["probs"]["FAKE"], r["std"]["FAKE"], r["mutual_information"], r["warnings"])
 rows = client.predict([handle_file("a.png"), handle_file("b.jpg")], 30, api_name="/predict_batch")
+why = client.predict(handle_file("photo.jpg"), 30, api_name="/explain")  # saliency map + top features per detector
 print(client.predict(api_name="/models"))
 ```
 Each answer is repeatable (fixed seed per request). An unreadable image raises an error that says why.
@@ -537,6 +590,14 @@ def build_demo(model_ids: list[str]) -> gr.Blocks:
         except ValueError as err:
             raise gr.Error(str(err), print_exception=False) from err
 
+    def explain(image: FileData, num_samples: int = DEFAULT_NUM_SAMPLES, detectors: list[str] | None = None) -> dict:
+        """One image -> per detector: the saliency map (input gradients of P(FAKE), [0, 1], at the detector's input
+        size) and the top features by |feature x gradient| with the gradient's sign (> 0 pushes towards FAKE)."""
+        try:
+            return pool.explain(read_image(uploaded_path(image)), num_samples, detectors)
+        except ValueError as err:
+            raise gr.Error(str(err), print_exception=False) from err
+
     def models() -> dict:
         """The loaded detectors with their configs, and the ones that failed to load (with the reason)."""
         return pool.describe()
@@ -545,13 +606,15 @@ def build_demo(model_ids: list[str]) -> gr.Blocks:
         # Runs with preprocess=False so the raw upload reaches read_image: the Image component's own preprocessing
         # would decode the file with PIL first and hide the reason a bad file is refused behind a generic error.
         if upload is None:
-            return "Upload an image or pick an example.", None, None, None, None
+            return "Upload an image or pick an example.", None, None, None, None, None
         try:
-            answer = pool.analyse(read_image(uploaded_path(upload)), num_samples, names)
+            image = read_image(uploaded_path(upload))
+            answer = pool.analyse(image, num_samples, names)
+            why = explanation_chart(image, list(pool.explain(image, num_samples, names)["detectors"].values()))
         except ValueError as err:
             gr.Warning(str(err))
-            return f"**Could not analyse this image:** {err}", None, None, None, None
-        return (verdict_markdown(answer), *single_image_charts(list(answer["detectors"].values())), answer)
+            return f"**Could not analyse this image:** {err}", None, None, None, None, None
+        return (verdict_markdown(answer), *single_image_charts(list(answer["detectors"].values())), why, answer)
 
     def analyse_batch_page(paths, names, num_samples):
         try:
@@ -588,6 +651,8 @@ def build_demo(model_ids: list[str]) -> gr.Blocks:
                     p_fake_plot = gr.Plot(label="P(FAKE) per detector", elem_id="p-fake-plot")
                     uncertainty_plot = gr.Plot(label="Uncertainty per detector", elem_id="uncertainty-plot")
                     samples_plot = gr.Plot(label="Sampled P(FAKE)", elem_id="samples-plot")
+                    explanation_plot = gr.Plot(label="Why: saliency map and the features that weigh most",
+                                               elem_id="explanation-plot")
                     with gr.Accordion("Raw answer (what /predict returns)", open=False):
                         raw = gr.JSON(elem_id="raw-answer")
         with gr.Tab("Batch"):
@@ -605,12 +670,13 @@ def build_demo(model_ids: list[str]) -> gr.Blocks:
             gr.Markdown(API_HELP)
 
         gr.on([image.change, run.click], analyse_page, [image, chosen, num_samples],
-              [verdict, p_fake_plot, uncertainty_plot, samples_plot, raw], preprocess=False,
+              [verdict, p_fake_plot, uncertainty_plot, samples_plot, explanation_plot, raw], preprocess=False,
               api_visibility="private", trigger_mode="always_last")
         run_batch.click(analyse_batch_page, [files, chosen, num_samples],
                         [batch_status, table, csv, batch_p_fake_plot, batch_epistemic_plot], api_visibility="private")
         gr.api(predict, api_name="predict")
         gr.api(predict_batch, api_name="predict_batch")
+        gr.api(explain, api_name="explain")
         gr.api(models, api_name="models")
     demo.queue(default_concurrency_limit=QUEUE_CONCURRENCY, max_size=QUEUE_MAX_SIZE)
     return demo

@@ -14,6 +14,7 @@ BAD_VALUES = [
     (dict(cnn_widths=[8, 0, 8]), "cnn_widths"),
     (dict(head="bayes"), "head"),
     (dict(head_hidden=[8, 0]), "head_hidden"),
+    (dict(head="gaussian_nb", head_hidden=[8]), "head_hidden"),
     (dict(dropout=-0.1), "dropout"),
     (dict(dropout=1.0), "dropout"),
     (dict(dropout=math.nan), "dropout"),
@@ -79,9 +80,11 @@ def test_defaults():
 
 @pytest.mark.parametrize("head", HEAD_KINDS)
 def test_valid_values_accepted(head, tiny_config_kwargs):
+    hidden = [] if head == "gaussian_nb" else [8]
     config = BayesFakeConfig(head=head, dropout=0.0 if head != "mc_dropout" else 0.2, reject_entropy=0.5,
-                             variational_scope="all", variational_layer="flipout", **tiny_config_kwargs)
-    assert config.cnn_widths == [4, 8, 8] and config.head_hidden == [8]
+                             variational_scope="all", variational_layer="flipout",
+                             **{**tiny_config_kwargs, "head_hidden": hidden})
+    assert config.cnn_widths == [4, 8, 8] and config.head_hidden == hidden
     # A timm backbone is fine with a head-only variational scope (the model is not built here).
     BayesFakeConfig(backbone="resnet18", head=head, dropout=0.1)
 

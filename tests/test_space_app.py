@@ -168,9 +168,30 @@ def predict(client, path, num_samples=8, detectors=None):
 # Endpoints
 
 
-def test_api_lists_exactly_the_three_endpoints(client):
+def test_api_lists_exactly_the_four_endpoints(client):
     assert set(client.view_api(return_format="dict", print_info=False)["named_endpoints"]) == {
-        "/predict", "/predict_batch", "/models"}
+        "/predict", "/predict_batch", "/explain", "/models"}
+
+
+def test_explain_returns_the_models_own_gradients(client, detector_dirs):
+    answer = client.predict(handle_file(str(FAKE_EXAMPLE)), 8, api_name="/explain")
+    assert list(answer["detectors"]) == detector_dirs
+    for folder in detector_dirs:
+        model, processor = load_detector(folder)
+        expected = model.explain(processor(load_image(str(FAKE_EXAMPLE)), return_tensors="pt")["pixel_values"],
+                                 num_samples=8, seed=app.SEED)
+        result = answer["detectors"][folder]
+        saliency = np.asarray(result["saliency"])
+        assert saliency.shape == (32, 32) and saliency.max() == pytest.approx(1.0) and saliency.min() >= 0
+        reference = (expected["saliency"][0] / expected["saliency"][0].max()).numpy()
+        np.testing.assert_allclose(saliency, reference, atol=1e-4)
+        assert result["p_fake"] == pytest.approx(expected["p_fake"][0].item(), abs=1e-6)
+        top = result["top_features"]
+        assert len(top) == min(app.TOP_FEATURES, 8)  # the tiny CNN has 8 features
+        assert [f["importance"] for f in top] == sorted((f["importance"] for f in top), reverse=True)
+        assert top[0]["importance"] == pytest.approx(expected["feature_importance"][0].max().item(), rel=1e-5)
+    with pytest.raises(AppError, match="not a readable image"):
+        client.predict(handle_file(__file__), 8, api_name="/explain")
 
 
 def test_models_reports_loaded_configs_and_the_load_failure(client, detector_dirs):

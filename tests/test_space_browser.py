@@ -15,7 +15,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 TIMEOUT_MS = 60_000  # two shared CPU cores: a first analysis (plots included) can take a few seconds
-CHART_IDS = ("p-fake-plot", "uncertainty-plot", "samples-plot")
+CHART_IDS = ("p-fake-plot", "uncertainty-plot", "samples-plot", "explanation-plot")
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_upload_and_analyse_shows_verdicts_and_charts(page, tmp_path):
         expect(page.locator(f"#{chart} img")).to_be_visible()
     shot = tmp_path / "space_one_image.png"
     page.screenshot(path=str(shot), full_page=True)
-    assert shot.stat().st_size > 50_000  # a page with three rendered charts, not a blank one
+    assert shot.stat().st_size > 50_000  # a page with four rendered charts, not a blank one
 
 
 def test_out_of_domain_example_shows_the_warning(page):

@@ -96,44 +96,59 @@ def as_nchw_uint8(images) -> torch.Tensor:
     return tensor
 
 
-def raw_sample_logits(model, pixel_values: torch.Tensor, num_samples: int, seed: int) -> torch.Tensor:
-    """The [T, B, 2] logits behind ``model(pixel_values, num_samples, seed=seed)``, before the temperature.
+def is_features(inputs) -> bool:
+    """Float [N, D] arrays are backbone features (a frozen backbone's cache); anything else is images."""
+    return getattr(inputs, "ndim", 0) == 2 and not np.issubdtype(np.asarray(inputs[:1]).dtype, np.integer)
 
-    Same seeded RNG and same sampling switch as the forward pass, so these are exactly the samples it averaged.
-    """
-    with sampling_rng(seed, None, pixel_values.device):
-        return model.sample_logits(pixel_values, num_samples, stochastic=model.config.stochastic)
+
+def raw_sample_logits(model, inputs: torch.Tensor, num_samples: int, seed: int, features: bool = False) -> torch.Tensor:
+    """The [T, B, 2] logits behind ``model(inputs, num_samples, seed=seed)`` (or ``model.forward_features``), before
+    the temperature. Same seeded RNG and same sampling switch as the forward pass: exactly the samples it averaged."""
+    stochastic = model.config.stochastic
+    t = num_samples if stochastic else 1
+    with sampling_rng(seed, None, inputs.device):
+        if features:
+            return model.sample_head_logits(inputs, inputs.shape[0], t, stochastic=stochastic)
+        return model.sample_logits(inputs, t, stochastic=stochastic)
 
 
 def predict(model, images_uint8, labels, num_samples: int | None = None, batch_size: int = 512, seed: int = 0,
             progress: bool = True, keep_sample_logits: bool = False) -> Predictions:
-    """Monte Carlo predictions of ``model`` (eval mode, T = ``num_samples``, default the config's) on uint8 images.
+    """Monte Carlo predictions of ``model`` (eval mode, T = ``num_samples``, default the config's) on uint8 images,
+    or on float [N, D] backbone features (a frozen backbone's cache, run through ``model.forward_features``).
 
-    Batch ``i`` is sampled with seed ``seed + i``: repeatable, and images in different batches get different draws.
-    ``keep_sample_logits`` also returns the raw sampled logits (what temperature fitting needs).
+    Batch ``i`` is sampled with seed ``seed + i``: repeatable, and images in different batches get different draws;
+    features give the same draws as the images they came from. ``keep_sample_logits`` also returns the raw sampled
+    logits (what temperature fitting needs).
     """
-    images = as_nchw_uint8(images_uint8)
+    features = is_features(images_uint8)
+    inputs = torch.as_tensor(np.asarray(images_uint8, dtype=np.float32)) if features else as_nchw_uint8(images_uint8)
     labels = np.asarray(labels, dtype=np.int64)
-    if len(labels) != len(images):
-        raise ValueError(f"{len(images)} images but {len(labels)} labels")
+    if len(labels) != len(inputs):
+        raise ValueError(f"{len(inputs)} inputs but {len(labels)} labels")
     num_samples = num_samples or model.config.num_samples
     model.eval()
     processor = BayesFakeImageProcessor.from_config(model.config)
     device = next(model.parameters()).device
     fields = ("p_fake", "std_fake", "predictive_entropy", "mutual_information", "expected_entropy", "sample_logits")
     columns = {name: [] for name in fields}
-    starts = range(0, len(images), batch_size)
+    starts = range(0, len(inputs), batch_size)
     with torch.no_grad():
         for index, start in enumerate(tqdm(starts, desc="predict", unit="batch", disable=not progress)):
-            pixel_values = processor.normalize_uint8(images[start:start + batch_size].to(device))
-            out = model(pixel_values, num_samples=num_samples, seed=seed + index)
+            if features:
+                batch = inputs[start:start + batch_size].to(device)
+                out = model.forward_features(batch, num_samples=num_samples, seed=seed + index)
+            else:
+                batch = processor.normalize_uint8(inputs[start:start + batch_size].to(device))
+                out = model(batch, num_samples=num_samples, seed=seed + index)
             columns["p_fake"].append(out.probs[:, 1])
             columns["std_fake"].append(out.std[:, 1])
             columns["predictive_entropy"].append(out.predictive_entropy)
             columns["mutual_information"].append(out.mutual_information)
             columns["expected_entropy"].append(out.expected_entropy)
             if keep_sample_logits:
-                columns["sample_logits"].append(raw_sample_logits(model, pixel_values, num_samples, seed + index))
+                logits = raw_sample_logits(model, batch, num_samples, seed + index, features)
+                columns["sample_logits"].append(logits.expand(num_samples, *logits.shape[1:]))
     arrays = {name: torch.cat(parts, dim=1 if name == "sample_logits" else 0).float().cpu().numpy()
               for name, parts in columns.items() if parts}
     return Predictions(labels=labels, num_samples=num_samples, **arrays)
@@ -394,6 +409,29 @@ def report_markdown(report: dict) -> str:
                       else format_value(value)]
     parts += ["## Plots", *(f"![{Path(p).stem}]({p})" for p in report["plots"])]
     return "\n\n".join(parts) + "\n"
+
+
+def plot_feature_pca(features: np.ndarray, preds: Predictions, path: Path, title: str = "",
+                     max_points: int = 4000, seed: int = 0) -> None:
+    """The backbone features in their first two principal components, coloured by true label, by P(FAKE) and by
+    predictive entropy: where the classes overlap, and whether the uncertain images sit there."""
+    from sklearn.decomposition import PCA
+
+    keep = np.random.default_rng(seed).permutation(len(features))[:max_points]
+    xy = PCA(n_components=2, random_state=seed).fit_transform(np.asarray(features)[keep])
+    fig = Figure(figsize=(15, 4.6))
+    panels = [(preds.labels[keep], "true label (0 REAL, 1 FAKE)", "coolwarm"),
+              (preds.p_fake[keep], "P(FAKE)", "coolwarm"),
+              (preds.predictive_entropy[keep], "predictive entropy (nats)", "viridis")]
+    for i, (colour, label, cmap) in enumerate(panels):
+        ax = fig.add_subplot(1, 3, i + 1)
+        points = ax.scatter(xy[:, 0], xy[:, 1], c=colour, cmap=cmap, s=3, alpha=0.6, linewidths=0)
+        fig.colorbar(points, ax=ax, label=label)
+        ax.set_xlabel("PC 1")
+        ax.set_ylabel("PC 2")
+        ax.set_title(label)
+    fig.suptitle(title or f"PCA of the backbone features ({len(keep)} images)")
+    save_figure(fig, path)
 
 
 def write_plots(metrics: dict, preds: Predictions, out_dir: Path) -> list[str]:

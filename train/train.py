@@ -31,30 +31,11 @@ from hub_models import BayesFakeConfig, BayesFakeDetector, BayesFakeImageProcess
 from train.data import load_splits
 
 
-@dataclass
-class TrainConfig:
-    name: str
-    model: dict = field(default_factory=dict)  # BayesFakeConfig kwargs
-    data: str = "../shared/data/cifake"
-    out_dir: str = ""  # default runs/NAME
-    epochs: int = 6
-    batch_size: int = 128
-    lr: float = 2e-3
-    weight_decay: float = 5e-4
-    warmup_fraction: float = 0.05
-    label_smoothing: float = 0.0
-    kl_weight: float = 1.0  # variational heads only
-    augment: bool = True  # random horizontal flip + translation by up to `crop_pad` pixels
-    crop_pad: int = 2
-    val_fraction: float = 0.05
-    val_samples: int = 10  # T used for the per-epoch validation
-    seed: int = 0
-    ckpt_every: int = 200
-    threads: int = 0  # 0 = all cores
-    max_train: int = 0  # >0: subsample the training set (smoke runs, searches)
+class YamlConfig:
+    """A dataclass config read from YAML, with ``KEY=VALUE`` overrides (``model.KEY`` for the detector's config)."""
 
     @classmethod
-    def from_file(cls, path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    def from_file(cls, path: str | Path, overrides: list[str] = ()):
         raw = yaml.safe_load(Path(path).read_text()) or {}
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(raw) - known
@@ -74,6 +55,31 @@ class TrainConfig:
     @property
     def out(self) -> Path:
         return Path(self.out_dir or f"runs/{self.name}")
+
+
+@dataclass
+class TrainConfig(YamlConfig):
+    name: str
+    model: dict = field(default_factory=dict)  # BayesFakeConfig kwargs
+    data: str = "../shared/data/cifake"
+    out_dir: str = ""  # default runs/NAME
+    epochs: int = 6
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 5e-4
+    warmup_fraction: float = 0.05
+    label_smoothing: float = 0.0
+    kl_weight: float = 1.0  # variational heads only
+    augment: bool = True  # random horizontal flip + translation by up to `crop_pad` pixels
+    crop_pad: int = 2
+    val_fraction: float = 0.05
+    val_samples: int = 10  # T used for the per-epoch validation
+    seed: int = 0
+    ckpt_every: int = 200
+    threads: int = 0  # 0 = all cores
+    max_train: int = 0  # >0: subsample the training set (smoke runs, searches)
+    channels_last: bool = True  # NHWC activations: measured 20-25% faster CNN steps on CPU (oneDNN)
+    backbone_weights: str = ""  # timm backbones: pretrained weights file, or "timm" to download them by name
 
 
 def augment_batch(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
@@ -133,6 +139,10 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     model_config = BayesFakeConfig(**cfg.model)
     model = BayesFakeDetector(model_config)
+    if cfg.backbone_weights:
+        from train.features import load_backbone_weights
+
+        print("backbone weights:", load_backbone_weights(model, cfg.backbone_weights))
     processor = BayesFakeImageProcessor.from_config(model_config)
     splits = load_splits(cfg.data, cfg.val_fraction, cfg.seed, model_config.image_size)
     train_x, train_y = (torch.from_numpy(a) for a in splits["train"])
@@ -144,6 +154,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     val_y = torch.from_numpy(splits["val"][1])
     n_train = len(train_y)
 
+    memory_format = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     model, optimizer = accelerator.prepare(model, optimizer)
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -155,7 +167,9 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
         if not ckpt_path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if state["train_config"] != dataclasses.asdict(cfg):
+        # Keys added to TrainConfig after the checkpoint was written count as their defaults.
+        defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
+        if {**defaults, **state["train_config"]} != dataclasses.asdict(cfg):
             raise ValueError(f"--resume: {ckpt_path} was written by a different config; start a new out_dir")
         accelerator.unwrap_model(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -186,7 +200,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
                 # Seeded per (epoch, step, rank): a resumed run draws the same augmentations with no replay.
                 aug_rng = torch.Generator().manual_seed(hash((cfg.seed, epoch, step, rank)) % 2**62)
                 x = augment_batch(x, cfg.crop_pad, aug_rng)
-            x = processor.normalize_uint8(x.to(device))
+            x = processor.normalize_uint8(x.to(device)).contiguous(memory_format=memory_format)
             y = train_y[idx].to(device)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(epoch * steps_per_epoch + step, total_steps, cfg)
@@ -216,7 +230,8 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     if accelerator.is_main_process:
         from hub_models.export import export_detector
 
-        unwrapped = accelerator.unwrap_model(model).eval()
+        # safetensors stores contiguous tensors only: back to NCHW weights before export
+        unwrapped = accelerator.unwrap_model(model).eval().to(memory_format=torch.contiguous_format)
         export_detector(unwrapped, final, command=f"python -m train.train {cfg.name}")
         (out / "history.json").write_text(json.dumps(
             {"train_config": dataclasses.asdict(cfg), "history": history, "train_seconds": round(elapsed, 1),

@@ -10,9 +10,11 @@ import math
 
 from transformers import PretrainedConfig
 
-# Registry of the stochastic heads. "deterministic" is the plain baseline (num_samples=1 is exact);
+# Registry of the heads. "deterministic" is the plain baseline (num_samples=1 is exact); "gaussian_nb" is the
+# generative baseline (class-conditional diagonal Gaussians on the features, fitted in closed form; deterministic too);
 # "mc_dropout" samples dropout masks; "variational" samples weights from a Gaussian posterior (bayesian-torch).
-HEAD_KINDS = ("deterministic", "mc_dropout", "variational")
+HEAD_KINDS = ("deterministic", "gaussian_nb", "mc_dropout", "variational")
+DETERMINISTIC_HEADS = ("deterministic", "gaussian_nb")
 VARIATIONAL_LAYERS = ("reparameterization", "flipout")
 # Where the variational layers sit: only the classifier head, or every conv/linear layer of the from-scratch CNN.
 VARIATIONAL_SCOPES = ("head", "all")
@@ -113,6 +115,8 @@ class BayesFakeConfig(PretrainedConfig):
             fail("head_hidden", "hidden sizes must be positive")
         if not 0.0 <= self.dropout < 1.0:
             fail("dropout", "must be in [0, 1)")
+        if self.head == "gaussian_nb" and self.head_hidden:
+            fail("head_hidden", "a gaussian_nb head models the backbone features directly: no hidden layers")
         if self.head == "mc_dropout" and self.dropout == 0.0:
             fail("dropout", "an mc_dropout head needs a dropout rate > 0, or it never samples anything")
         if self.variational_layer not in VARIATIONAL_LAYERS:
@@ -144,5 +148,5 @@ class BayesFakeConfig(PretrainedConfig):
 
     @property
     def stochastic(self) -> bool:
-        """Whether Monte Carlo sampling changes the output (False only for the deterministic head)."""
-        return self.head != "deterministic"
+        """Whether Monte Carlo sampling changes the output (False for the deterministic and Gaussian NB heads)."""
+        return self.head not in DETERMINISTIC_HEADS

@@ -213,6 +213,46 @@ class ClassifierHead(nn.Module):
         return x
 
 
+class GaussianNBHead(nn.Module):
+    """Gaussian Naive Bayes on the backbone features: log p(c) + sum_d log N(x_d | theta_cd, var_cd), per class c.
+
+    The generative baseline, expressed in torch so it ships, loads and samples like every other head. Its statistics
+    are buffers fitted in closed form (``fit``, the same estimator as scikit-learn's GaussianNB); the logits it returns
+    are the log joint, so their softmax is exactly the Naive Bayes posterior.
+    """
+
+    def __init__(self, config: BayesFakeConfig, in_features: int):
+        super().__init__()
+        self.register_buffer("theta", torch.zeros(2, in_features))
+        self.register_buffer("var", torch.ones(2, in_features))
+        self.register_buffer("log_prior", torch.full((2,), -math.log(2.0)))
+
+    @torch.no_grad()
+    def fit(self, features: torch.Tensor, labels: torch.Tensor, var_smoothing: float = 1e-9) -> GaussianNBHead:
+        """Per-class mean and variance of ``features`` [N, D]; like scikit-learn, every variance gets
+        ``var_smoothing`` times the largest feature variance added, so no feature divides by zero."""
+        features = features.to(self.theta.device, torch.float64)
+        labels = labels.to(self.theta.device)
+        epsilon = var_smoothing * features.var(0, unbiased=False).max()
+        for c in (0, 1):
+            rows = features[labels == c]
+            if len(rows) == 0:
+                raise ValueError(f"GaussianNBHead.fit: no training example of class {c}")
+            self.theta[c] = rows.mean(0).to(self.theta.dtype)
+            self.var[c] = (rows.var(0, unbiased=False) + epsilon).to(self.var.dtype)
+            self.log_prior[c] = math.log(len(rows) / len(features))
+        return self
+
+    def forward(self, x: torch.Tensor, num_samples: int = 1, stochastic: bool = False) -> torch.Tensor:
+        x = x.unsqueeze(1)  # [N, 1, D] against [2, D]
+        log_likelihood = -0.5 * (torch.log(2 * math.pi * self.var) + (x - self.theta) ** 2 / self.var).sum(-1)
+        return log_likelihood + self.log_prior
+
+
+def make_head(config: BayesFakeConfig, in_features: int) -> nn.Module:
+    return GaussianNBHead(config, in_features) if config.head == "gaussian_nb" else ClassifierHead(config, in_features)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # The Hub model
 
@@ -239,7 +279,7 @@ class BayesFakePreTrainedModel(PreTrainedModel):
     config_class = BayesFakeConfig
     base_model_prefix = "bayesfake"
     main_input_name = "pixel_values"
-    _no_split_modules = ["ScratchCNN", "TimmBackbone", "ClassifierHead"]
+    _no_split_modules = ["ScratchCNN", "TimmBackbone", "ClassifierHead", "GaussianNBHead"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -291,7 +331,7 @@ class BayesFakeDetector(BayesFakePreTrainedModel):
             self.backbone = ScratchCNN(config, bayesian=self.backbone_stochastic)
         else:
             self.backbone = TimmBackbone(config)
-        self.head = ClassifierHead(config, self.backbone.num_features)
+        self.head = make_head(config, self.backbone.num_features)
         self.post_init()
 
     def bayesian_layers(self) -> list[nn.Module]:
@@ -304,18 +344,33 @@ class BayesFakeDetector(BayesFakePreTrainedModel):
             return torch.zeros((), device=self.device)
         return torch.stack([gaussian_kl(layer) for layer in layers]).sum()
 
+    def sample_features(self, pixel_values: torch.Tensor, num_samples: int, stochastic: bool = True) -> torch.Tensor:
+        """Backbone features: [B, D] from one pass per image, or [B*T, D] (image-major) when every layer is sampled."""
+        if self.backbone_stochastic and stochastic:
+            b, t = pixel_values.shape[0], num_samples
+            x = pixel_values.unsqueeze(1).expand(b, t, *pixel_values.shape[1:]).reshape(b * t, *pixel_values.shape[1:])
+            return self.backbone(x, t, stochastic)
+        return self.backbone(pixel_values, 1, stochastic)
+
+    def sample_head_logits(self, features: torch.Tensor, batch: int, num_samples: int,
+                           stochastic: bool = True) -> torch.Tensor:
+        """Logits [T, B, 2] of the head on ``features`` ([B, D] shared by the T samples, or [B*T, D])."""
+        t = num_samples
+        if features.shape[0] == batch:
+            features = features.unsqueeze(1).expand(batch, t, features.shape[-1]).reshape(batch * t, -1)
+        logits = self.head(features, t, stochastic)
+        return logits.reshape(batch, t, -1).transpose(0, 1)
+
     def sample_logits(self, pixel_values: torch.Tensor, num_samples: int, stochastic: bool = True) -> torch.Tensor:
         """Logits of T Monte Carlo samples, [T, B, 2]; the deterministic trunk runs once per image."""
-        b = pixel_values.shape[0]
-        t = num_samples
-        if self.backbone_stochastic and stochastic:
-            x = pixel_values.unsqueeze(1).expand(b, t, *pixel_values.shape[1:]).reshape(b * t, *pixel_values.shape[1:])
-            features = self.backbone(x, t, stochastic)
-        else:
-            features = self.backbone(pixel_values, 1, stochastic)
-            features = features.unsqueeze(1).expand(b, t, features.shape[-1]).reshape(b * t, -1)
-        logits = self.head(features, t, stochastic)
-        return logits.reshape(b, t, -1).transpose(0, 1)
+        features = self.sample_features(pixel_values, num_samples, stochastic)
+        return self.sample_head_logits(features, pixel_values.shape[0], num_samples, stochastic)
+
+    def _num_samples(self, num_samples: int | None) -> int:
+        t = self.config.num_samples if num_samples is None else num_samples
+        if isinstance(t, bool) or not isinstance(t, int) or t < 1:
+            raise ValueError(f"num_samples must be an integer >= 1; got {t!r}")
+        return t
 
     def forward(
         self,
@@ -340,15 +395,42 @@ class BayesFakeDetector(BayesFakePreTrainedModel):
         if not torch.is_tensor(pixel_values) or pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
             shape = tuple(pixel_values.shape) if torch.is_tensor(pixel_values) else type(pixel_values).__name__
             raise ValueError(f"pixel_values must be a float tensor [B, 3, H, W]; got {shape}")
-        t = self.config.num_samples if num_samples is None else num_samples
-        if isinstance(t, bool) or not isinstance(t, int) or t < 1:
-            raise ValueError(f"num_samples must be an integer >= 1; got {t!r}")
+        t = self._num_samples(num_samples)
         param = next(self.parameters())
         pixel_values = pixel_values.to(device=param.device, dtype=param.dtype)
         sampled = stochastic and self.config.stochastic
         with sampling_rng(seed, generator, param.device):
             logits = self.sample_logits(pixel_values, t if sampled else 1, stochastic=sampled)
-        if not sampled and t > 1:
+        return self._predictive(logits, t, labels)
+
+    def forward_features(
+        self,
+        features: torch.Tensor,
+        num_samples: int | None = None,
+        labels: torch.Tensor | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        stochastic: bool = True,
+    ) -> BayesFakeOutput:
+        """The same predictive as ``forward``, from backbone features [B, D] computed beforehand (e.g. a feature
+        cache): ``forward(x)`` equals ``forward_features(model.backbone(x))`` for the same seed. Not available when
+        every layer is variational (the features then differ per sample)."""
+        if self.backbone_stochastic:
+            raise ValueError("forward_features: every layer of this model is sampled; call the model on pixels")
+        width = self.backbone.num_features
+        if not torch.is_tensor(features) or features.dim() != 2 or features.shape[1] != width:
+            shape = tuple(features.shape) if torch.is_tensor(features) else type(features).__name__
+            raise ValueError(f"features must be a float tensor [B, {width}]; got {shape}")
+        t = self._num_samples(num_samples)
+        param = next(self.parameters())
+        features = features.to(device=param.device, dtype=param.dtype)
+        sampled = stochastic and self.config.stochastic
+        with sampling_rng(seed, generator, param.device):
+            logits = self.sample_head_logits(features, features.shape[0], t if sampled else 1, stochastic=sampled)
+        return self._predictive(logits, t, labels)
+
+    def _predictive(self, logits: torch.Tensor, t: int, labels: torch.Tensor | None) -> BayesFakeOutput:
+        if logits.shape[0] == 1 and t > 1:
             logits = logits.expand(t, *logits.shape[1:])
         sample_probs = torch.softmax(logits.float() / self.config.calibration_temperature, dim=-1)
         probs = sample_probs.mean(0)
@@ -372,6 +454,37 @@ class BayesFakeDetector(BayesFakePreTrainedModel):
             expected_entropy=expected_entropy,
             kl=kl,
         )
+
+    def explain(self, pixel_values: torch.Tensor, num_samples: int | None = None, seed: int | None = 0) -> dict:
+        """Why the detector says what it says: gradients of the Monte Carlo P(FAKE) of each image.
+
+        Returns a dict of tensors (no graph attached):
+            ``saliency`` [B, H, W]: |d P(FAKE) / d pixel|, the largest over the colour channels (input-gradient map);
+            ``feature_gradient`` [B, D]: d P(FAKE) / d feature, for each backbone feature;
+            ``feature_importance`` [B, D]: |feature * gradient|, how much each feature moves P(FAKE) (gradient x input);
+            ``p_fake`` [B]: the P(FAKE) that was differentiated.
+        The T samples share one seeded draw (``seed``), so the map is repeatable; the backbone still runs once.
+        """
+        t = self._num_samples(num_samples)
+        param = next(self.parameters())
+        x = pixel_values.detach().to(device=param.device, dtype=param.dtype).requires_grad_(True)
+        sampled = self.config.stochastic
+        with torch.enable_grad(), sampling_rng(seed, None, param.device):
+            features = self.sample_features(x, t if sampled else 1, stochastic=sampled)
+            logits = self.sample_head_logits(features, x.shape[0], t if sampled else 1, stochastic=sampled)
+            p_fake = self._predictive(logits, t, None).probs[:, 1]
+            # Images are independent, so one gradient of the sum gives every image's own; autograd.grad (not
+            # backward) leaves the parameters' .grad alone, so explaining never disturbs a training loop.
+            pixel_grad, feature_grad = torch.autograd.grad(p_fake.sum(), [x, features])
+        b = x.shape[0]
+        feature_gradient = feature_grad.reshape(b, -1, features.shape[-1])
+        attribution = (features.detach().reshape(b, -1, features.shape[-1]) * feature_gradient).abs()
+        return {
+            "saliency": pixel_grad.abs().amax(dim=1),
+            "feature_gradient": feature_gradient.sum(1),  # all-layer VI: summed over the per-sample features
+            "feature_importance": attribution.sum(1),
+            "p_fake": p_fake.detach(),
+        }
 
     def verdicts(self, output: BayesFakeOutput) -> list[str]:
         """Plain-words verdict per image from the config's threshold on P(FAKE) and its reject rule on entropy."""

@@ -1,0 +1,165 @@
+"""Pretrained-backbone detectors: the Gaussian NB head, the feature path, explanations, and the frozen-head pipeline
+(feature cache that resumes, head training, search table, release folder that reproduces its report), all on a tiny
+random timm backbone."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from safetensors.torch import save_file
+from sklearn.naive_bayes import GaussianNB
+from transformers import AutoModel
+
+import train.features as features_mod
+from hub_models import BayesFakeConfig, BayesFakeDetector, BayesFakeImageProcessor
+from train.data import load_splits
+from train.features import preprocess_uint8
+from train.frozen import FrozenHeadConfig, build_model, feature_splits, run, run_search
+from train.hpsearch import parse_grid
+
+from test_train import make_image_folder
+
+TINY_TIMM = "test_efficientnet"  # timm's own ~100k-parameter test network, 256-d features
+
+
+def timm_config(**overrides) -> BayesFakeConfig:
+    kwargs = dict(backbone=TINY_TIMM, image_size=32, head="mc_dropout", head_hidden=[16], dropout=0.3, num_samples=6)
+    kwargs.update(overrides)
+    return BayesFakeConfig(**kwargs)
+
+
+@pytest.fixture
+def backbone_file(tmp_path):
+    """A 'pretrained' weights file as ../shared/weights holds them: a timm state dict in safetensors."""
+    import timm
+
+    torch.manual_seed(0)
+    path = tmp_path / "tiny_backbone.safetensors"
+    save_file(timm.create_model(TINY_TIMM, num_classes=0).state_dict(), str(path))
+    return path
+
+
+def test_gaussian_nb_head_matches_scikit_learn(one_thread):
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 1, (300, 8)), rng.normal(0.7, 1.5, (200, 8))]).astype(np.float32)
+    y = np.array([0] * 300 + [1] * 200)
+    model = BayesFakeDetector(BayesFakeConfig(backbone=TINY_TIMM, head="gaussian_nb", dropout=0.0)).eval()
+    head = type(model.head)(model.config, 8).fit(torch.from_numpy(x), torch.from_numpy(y))
+    reference = GaussianNB().fit(x, y)
+    ours = torch.softmax(head(torch.from_numpy(x)), -1).numpy()
+    np.testing.assert_allclose(ours, reference.predict_proba(x), atol=1e-4)
+    np.testing.assert_allclose(head.theta.numpy(), reference.theta_, rtol=1e-5, atol=1e-6)
+    assert not model.config.stochastic
+
+
+def test_forward_equals_forward_features(one_thread):
+    torch.manual_seed(0)
+    model = BayesFakeDetector(timm_config()).eval()
+    x = torch.randn(3, 3, 32, 32)
+    from_pixels = model(x, num_samples=7, seed=3)
+    from_features = model.forward_features(model.backbone(x), num_samples=7, seed=3)
+    torch.testing.assert_close(from_pixels.sample_probs, from_features.sample_probs)
+    with pytest.raises(ValueError, match=r"features must be a float tensor \[B, 256\]"):
+        model.forward_features(torch.zeros(2, 5))
+
+
+def test_explain_gives_the_gradients_of_p_fake(one_thread):
+    torch.manual_seed(0)
+    model = BayesFakeDetector(timm_config()).eval()
+    x = torch.randn(2, 3, 32, 32)
+    out = model.explain(x, num_samples=5, seed=1)
+    assert out["saliency"].shape == (2, 32, 32) and (out["saliency"] >= 0).all() and out["saliency"].sum() > 0
+    assert out["feature_gradient"].shape == out["feature_importance"].shape == (2, 256)
+    # The feature gradient is d P(FAKE) / d features of the same seeded predictive.
+    feats = model.backbone(x).detach().requires_grad_(True)
+    p_fake = model.forward_features(feats, num_samples=5, seed=1).probs[:, 1]
+    torch.testing.assert_close(p_fake.detach(), out["p_fake"])
+    (grad,) = torch.autograd.grad(p_fake.sum(), feats)
+    torch.testing.assert_close(out["feature_gradient"], grad)
+    torch.testing.assert_close(out["feature_importance"], (feats * grad).abs().detach())
+    assert all(p.grad is None for p in model.parameters())  # explaining leaves a training loop's grads alone
+    # The scratch CNN with every layer variational explains too (its features differ per sample).
+    vi = BayesFakeDetector(BayesFakeConfig(cnn_widths=[4, 8, 8], head="variational", variational_scope="all")).eval()
+    assert vi.explain(x, num_samples=3)["saliency"].shape == (2, 32, 32)
+
+
+def write_frozen_config(tmp_path, data, weights, **overrides):
+    cfg = dict(name="tiny-frozen", data=str(data), backbone_weights=str(weights), out_dir=str(tmp_path / "run"),
+               max_train=0, val_fraction=0.2, epochs=3, batch_size=8, val_samples=4, threads=1,
+               model=dict(backbone=TINY_TIMM, image_size=48, head="mc_dropout", head_hidden=[16], dropout=0.3,
+                          num_samples=6))
+    cfg.update(overrides)
+    path = tmp_path / "frozen.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_frozen_pipeline_releases_a_model_that_reproduces_its_report(tmp_path, backbone_file, monkeypatch, one_thread):
+    monkeypatch.setenv("BAYESFAKE_CACHE", str(tmp_path / "cache"))
+    data = make_image_folder(tmp_path / "data", n_per_class=20, corrupt=0)
+    cfg = FrozenHeadConfig.from_file(write_frozen_config(tmp_path, data, backbone_file, decode_size=32))
+    export = tmp_path / "hub" / "tiny-frozen"
+    result = run(cfg, split="test", export=str(export), command="pytest", progress=False)
+    report = result["report"]
+    assert "feature_pca.png" in report["plots"] and (export / "feature_pca.png").is_file()
+    assert (export / "train_history.json").is_file() and len(result["history"]) == 3
+    assert json.loads((export / "eval_report.json").read_text())["metrics"] == report["metrics"]
+
+    # The released folder is the whole detector (backbone weights included): from the pixels a user sends, it gives
+    # what the report measured on the feature cache.
+    model = AutoModel.from_pretrained(export, trust_remote_code=True).eval()
+    assert model.config.calibration_temperature == report["calibration"]["temperature"]
+    images, labels = load_splits(str(data), 0.2, 0, size=32)["test"]
+    cached, cached_labels = feature_splits(cfg, build_model(cfg)[0], progress=False)["test"]
+    np.testing.assert_array_equal(labels, cached_labels)
+    with torch.no_grad():
+        pixels = preprocess_uint8(BayesFakeImageProcessor.from_config(model.config), images)
+        assert pixels.shape[-1] == 48  # decoded at 32 px, resized by the processor as at inference
+        from_pixels = model(pixels, seed=0)
+        from_cache = model.forward_features(torch.from_numpy(cached), seed=0)
+    torch.testing.assert_close(from_pixels.probs, from_cache.probs, atol=1e-5, rtol=1e-4)
+    accuracy = ((from_pixels.probs[:, 1] >= model.config.threshold).numpy() == labels).mean()
+    assert accuracy == pytest.approx(report["metrics"]["cls/acc"])
+
+
+def test_feature_cache_resumes_after_an_interruption(tmp_path, backbone_file, monkeypatch, one_thread):
+    monkeypatch.setenv("BAYESFAKE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(features_mod, "CHUNK", 4)
+    data = make_image_folder(tmp_path / "data", n_per_class=10, corrupt=0)
+    cfg = FrozenHeadConfig.from_file(write_frozen_config(tmp_path, data, backbone_file))
+    model, _ = build_model(cfg)
+    calls = {"n": 0}
+    forward = model.backbone.forward
+
+    def crash_on_third_chunk(x, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return forward(x, *args, **kwargs)
+
+    monkeypatch.setattr(model.backbone, "forward", crash_on_third_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        feature_splits(cfg, model, progress=False)
+    folders = list((tmp_path / "cache" / "features").glob("*/train"))
+    assert len(folders) == 1 and len(list(folders[0].glob("chunk_*.npy"))) == 2  # the two finished chunks are kept
+    calls["n"] = -1000  # no more crashes
+    resumed = feature_splits(cfg, model, progress=False)
+    assert calls["n"] < -990  # the two cached chunks were not recomputed: only the rest ran
+    fresh, _ = build_model(cfg)
+    splits = load_splits(str(data), 0.2, 0, size=48)
+    for split, (feats, labels) in resumed.items():
+        with torch.no_grad():
+            expected = fresh.backbone(preprocess_uint8(BayesFakeImageProcessor.from_config(fresh.config),
+                                                       splits[split][0]))
+        np.testing.assert_allclose(feats, expected.numpy(), atol=1e-4)
+        np.testing.assert_array_equal(labels, splits[split][1])
+
+
+def test_frozen_search_table(tmp_path, backbone_file, monkeypatch, one_thread):
+    monkeypatch.setenv("BAYESFAKE_CACHE", str(tmp_path / "cache"))
+    data = make_image_folder(tmp_path / "data", n_per_class=12, corrupt=0)
+    path = write_frozen_config(tmp_path, data, backbone_file, epochs=2)
+    rows = run_search(str(path), parse_grid(["model.dropout=0.1,0.5", "model.head_hidden=[8],[16]"]), [])
+    assert len(rows) == 4 and rows[0]["val/nll"] <= rows[-1]["val/nll"]
