@@ -93,7 +93,8 @@ def model_card(config: BayesFakeConfig, report: dict | None, plot_names: list[st
     head = {"mc_dropout": f"MC-Dropout head (p={config.dropout})",
             "variational": f"variational ({config.variational_layer}, scope={config.variational_scope}, "
                            f"prior N({config.prior_mu}, {config.prior_sigma}^2))",
-            "deterministic": "deterministic head"}[config.head]
+            "deterministic": "deterministic head",
+            "gaussian_nb": "Gaussian Naive Bayes head (closed form, deterministic)"}[config.head]
     table = "\n".join(f"| `{k}` | {v:.4f} |" for k, v in metrics.items() if isinstance(v, (int, float)))
     plots = "\n".join(f"![{name}]({name})" for name in plot_names)
     body = f"""
@@ -123,6 +124,7 @@ inputs = processor(Image.open("photo.jpg"), return_tensors="pt")
 with torch.no_grad():
     out = model(inputs["pixel_values"], num_samples={config.num_samples}, seed=0)
 print(out.probs[:, 1], out.std[:, 1], out.mutual_information, model.verdicts(out))
+why = model.explain(inputs["pixel_values"])  # saliency map [B, H, W] and feature importance [B, D] of P(FAKE)
 ```
 
 `pipeline("image-classification", model=repo, trust_remote_code=True)` returns the REAL/FAKE scores too.

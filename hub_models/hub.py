@@ -20,7 +20,10 @@ CODE_FILES = ("configuration_bayesfake.py", "modeling_bayesfake.py", "image_proc
 REQUIRED_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", *CODE_FILES)
 HUB_ORG = "bayesfake"
 # Repo ids of the released detectors, in the order the Space shows them; each has a bundled folder of the same name.
-RELEASED = ("cifake-mcdropout-cnn", "cifake-vi-bcnn")
+RELEASED = ("cifake-mcdropout-cnn", "cifake-vi-bcnn",
+            # heads on frozen ImageNet EfficientNet-Lite0 features (train/configs/frozen/)
+            "effnetlite0-mcd-mlp", "effnetlite0-mcd-deep", "effnetlite0-vi-linear", "effnetlite0-linear",
+            "effnetlite0-gnb")
 DEFAULT_REPO_IDS = tuple(f"{HUB_ORG}/{name}" for name in RELEASED)
 
 log = logging.getLogger(__name__)

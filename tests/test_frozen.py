@@ -163,3 +163,19 @@ def test_frozen_search_table(tmp_path, backbone_file, monkeypatch, one_thread):
     path = write_frozen_config(tmp_path, data, backbone_file, epochs=2)
     rows = run_search(str(path), parse_grid(["model.dropout=0.1,0.5", "model.head_hidden=[8],[16]"]), [])
     assert len(rows) == 4 and rows[0]["val/nll"] <= rows[-1]["val/nll"]
+
+
+@pytest.mark.parametrize("name, size, width", [("legacy_xception.tf_in1k", 299, 2048),
+                                               ("vit_small_patch16_224.dino", 224, 384),
+                                               ("vit_base_patch16_clip_224.openai", 224, 768)])
+def test_xception_dino_and_clip_backbones_work_by_name(name, size, width, one_thread):
+    """The original work's backbones build by timm name and run the whole contract; offline, fetching their ImageNet
+    weights by name fails with an error that says what to do (the shared weights cover EfficientNet/MobileNetV2)."""
+    model = BayesFakeDetector(BayesFakeConfig(backbone=name, image_size=size, head="mc_dropout", head_hidden=[8],
+                                              num_samples=3)).eval()
+    assert model.backbone.num_features == width
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, size, size), seed=0)
+    assert out.sample_probs.shape == (3, 1, 2)
+    with pytest.raises(RuntimeError, match="needs the model hub, or pass a local weights file"):
+        features_mod.load_backbone_weights(model, "timm")

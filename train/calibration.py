@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from train.evaluate import Predictions
 
 # Search range of the temperature: wide enough for any sane network (x20 over- or under-confidence).
-TEMPERATURE_BOUNDS = (0.05, 20.0)
+TEMPERATURE_BOUNDS = (0.01, 1000.0)  # wide: a Gaussian NB sums log-likelihood ratios over ~1000 features
 # config.threshold must lie strictly inside (0, 1); curve thresholds can sit on 0, 1 or inf.
 THRESHOLD_EPS = 1e-6
 THRESHOLD_RULES = ("0.5", "f1_optimal", "youden_j")

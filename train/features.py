@@ -30,7 +30,11 @@ def load_backbone_weights(model, weights: str) -> str:
 
     name = model.config.backbone
     if weights == "timm":
-        source = timm.create_model(name, pretrained=True, num_classes=0)
+        try:
+            source = timm.create_model(name, pretrained=True, num_classes=0)
+        except Exception as err:  # offline: huggingface_hub's LocalEntryNotFoundError, urllib's URLError, ...
+            raise RuntimeError(f"could not fetch the pretrained weights of {name!r} by name ({type(err).__name__}: "
+                               f"{err}); this needs the model hub, or pass a local weights file") from err
     else:
         if not Path(weights).is_file():
             raise FileNotFoundError(f"backbone weights {weights!r} not found (a file, or 'timm' to download by name)")
