@@ -57,6 +57,10 @@ def timed(fn) -> float:
 def bench_kind(overrides: dict, batch: int, samples: int, repeats: int, naive_repeats: int, budget_s: float) -> dict:
     torch.manual_seed(0)
     model = BayesFakeDetector(BayesFakeConfig(**overrides)).eval()  # default widths, 32x32 inputs
+    return bench_model(model, batch, samples, repeats, naive_repeats, budget_s)
+
+
+def bench_model(model, batch: int, samples: int, repeats: int, naive_repeats: int, budget_s: float) -> dict:
     size = model.config.image_size
     x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
 
@@ -91,7 +95,7 @@ def bench_kind(overrides: dict, batch: int, samples: int, repeats: int, naive_re
         "naive_ratio": med["naive"] / med["det"],
         "speedup": med["naive"] / med["pred"],
         "images_per_s": batch / med["pred"],
-        "head_only": overrides.get("variational_scope", "head") == "head",
+        "head_only": not model.backbone_stochastic,
         "widths": model.config.cnn_widths,
         "pairs": len(pair_ratios),
     }
@@ -132,6 +136,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--budget-s", type=float, default=60.0,
                         help="stop adding det./predictive pairs to a kind after this many seconds (at least --naive-repeats)")
     parser.add_argument("--kinds", nargs="*", type=int, help="indices into the kind list (default: all)")
+    parser.add_argument("--released", nargs="*", default=[], metavar="NAME",
+                        help="also time these released detectors (hub_models/NAME, trained weights, their own size)")
     parser.add_argument("--output", help="also write the results, with command, machine and date, to this Markdown file")
     args = parser.parse_args(argv)
 
@@ -144,6 +150,15 @@ def main(argv: list[str] | None = None) -> str:
                             args.budget_s)
         rows.append((label, result))
         print(f"{label}: pred/det {result['pred_ratio']:.2f}, naive/det {result['naive_ratio']:.2f}", file=sys.stderr)
+    for name in args.released:
+        from hub_models.hub import load_detector
+
+        model, _ = load_detector(name)
+        result = bench_model(model.eval(), args.batch, args.samples, args.repeats,
+                             min(args.naive_repeats, args.repeats), args.budget_s)
+        rows.append((f"released `{name}` (widths {model.config.cnn_widths}, hidden {model.config.head_hidden})",
+                     result))
+        print(f"{name}: pred/det {result['pred_ratio']:.2f}, naive/det {result['naive_ratio']:.2f}", file=sys.stderr)
     widths = rows[0][1]["widths"]
     text = table(rows, args.samples)
     print(text)
@@ -156,7 +171,7 @@ Command: `{command.strip()}`
 Machine: {cores} CPU cores ({cpu_name()}), {torch.get_num_threads()} torch threads, torch {torch.__version__},
 Python {platform.python_version()}; date {datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")}.
 
-Setup: from-scratch CNN, widths {widths}, linear head; batch {args.batch} of 32x32 images; T={args.samples};
+Setup: from-scratch CNN, widths {widths}, linear head (rows "released": that detector as shipped); batch {args.batch} of 32x32 images; T={args.samples};
 eval mode, `torch.no_grad()`, one warm-up; det. and predictive timed back to back up to {args.repeats} times (`pairs`;
 fewer after {args.budget_s:.0f} s), times are medians, predictive / det. is the median of the per-pair ratios; the naive
 loop is timed {min(args.naive_repeats, args.repeats)} times (median). `det.` is

@@ -179,3 +179,27 @@ def test_xception_dino_and_clip_backbones_work_by_name(name, size, width, one_th
     assert out.sample_probs.shape == (3, 1, 2)
     with pytest.raises(RuntimeError, match="needs the model hub, or pass a local weights file"):
         features_mod.load_backbone_weights(model, "timm")
+
+
+def test_fine_tuning_starts_from_the_pretrained_backbone(tmp_path, backbone_file, monkeypatch, one_thread):
+    """train.train with backbone_weights: the whole detector trains, starting from the given ImageNet weights."""
+    from safetensors.torch import load_file
+
+    from train.train import TrainConfig, train
+
+    monkeypatch.setenv("BAYESFAKE_CACHE", str(tmp_path / "cache"))
+    data = make_image_folder(tmp_path / "data", n_per_class=12, corrupt=0)
+    base = dict(name="tiny-ft", data=str(data), backbone_weights=str(backbone_file), epochs=1, batch_size=8,
+                val_fraction=0.2, val_samples=2, threads=1, model=dict(backbone=TINY_TIMM, image_size=32,
+                                                                       head="mc_dropout", head_hidden=[8]))
+    pretrained = load_file(str(backbone_file))
+
+    frozen_lr = TrainConfig(**{**base, "lr": 0.0, "out_dir": str(tmp_path / "lr0")})
+    model = AutoModel.from_pretrained(train(frozen_lr), trust_remote_code=True)
+    params = dict(model.backbone.model.named_parameters())
+    assert all(torch.equal(params[k], pretrained[k]) for k in params)  # lr 0: exactly the file's weights
+
+    tuned = TrainConfig(**{**base, "lr": 1e-2, "out_dir": str(tmp_path / "ft")})
+    model = AutoModel.from_pretrained(train(tuned), trust_remote_code=True)
+    params = dict(model.backbone.model.named_parameters())
+    assert any(not torch.equal(params[k], pretrained[k]) for k in params)  # the backbone itself was trained

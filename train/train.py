@@ -48,6 +48,11 @@ class YamlConfig:
             if target is raw and key not in known:
                 raise ValueError(f"--set {item}: unknown key {key!r}")
             target[key] = yaml.safe_load(value)
+        # YAML 1.1 reads "1e-9" as a string: numbers go through their field's type.
+        types = {f.name: f.type for f in dataclasses.fields(cls)}
+        for key, value in raw.items():
+            if types.get(key) in ("float", float) and isinstance(value, (str, int)) and not isinstance(value, bool):
+                raw[key] = float(value)
         cfg = cls(**raw)
         BayesFakeConfig(**cfg.model)  # fail now, with the config's own message, not after decoding the data
         return cfg
