@@ -115,6 +115,7 @@ def validate(model: BayesFakeDetector, val: tuple, num_samples: int) -> dict:
 
 
 def build_model(cfg: FrozenHeadConfig) -> tuple[BayesFakeDetector, str]:
+    torch.manual_seed(cfg.seed)  # the head's initial weights: a search point trains exactly as its release would
     model = BayesFakeDetector(BayesFakeConfig(**cfg.model))
     loaded = load_backbone_weights(model, cfg.backbone_weights)
     return model.eval(), loaded
