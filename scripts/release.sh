@@ -20,4 +20,5 @@ for name in "${names[@]}"; do
     python -m train.evaluate "runs/$name/final" --split test --out "runs/$name/eval_test" \
         --export "hub_models/$name" \
         --command "python -m train.train train/configs/$name.yaml && python -m train.evaluate runs/$name/final --split test --export hub_models/$name   # = bash scripts/release.sh $name"
+    cp "runs/$name/history.json" "hub_models/$name/train_history.json"   # the training record ships with the weights
 done

@@ -18,6 +18,12 @@ def test_released_folder_ships_the_package_code_and_loads(repo_id):
     report = json.loads((folder / "eval_report.json").read_text())
     assert model.config.metrics["cls/acc"] == pytest.approx(report["metrics"]["cls/acc"]) and report["split"] == "test"
     assert model.config.metrics["cls/acc"] > 0.75  # every released detector is far better than chance on CIFAKE
+    # The training record that ships with the weights is the run that made them (same architecture).
+    history = json.loads((folder / "train_history.json").read_text())
+    trained = (history.get("train_config") or history["config"])["model"]
+    for key in ("backbone", "head", "head_hidden", "cnn_widths", "image_size"):
+        if key in trained:
+            assert trained[key] == getattr(model.config, key), f"{folder}/train_history.json: {key} differs"
     x = processor(sorted((HUB_MODELS_DIR.parent / "space" / "examples").glob("*.jpg"))[:2], return_tensors="pt")
     with torch.no_grad():
         out = model(x["pixel_values"], num_samples=4, seed=0)
