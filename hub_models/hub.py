@@ -21,6 +21,7 @@ REQUIRED_FILES = ("config.json", "model.safetensors", "preprocessor_config.json"
 HUB_ORG = "bayesfake"
 # Repo ids of the released detectors, in the order the Space shows them; each has a bundled folder of the same name.
 RELEASED = ("cifake-mcdropout-cnn", "cifake-vi-bcnn",
+            "cifake-mobilenetv2-ft",  # ImageNet MobileNetV2 fine-tuned end to end, MC-Dropout head
             # heads on frozen ImageNet EfficientNet-Lite0 features (train/configs/frozen/)
             "effnetlite0-mcd-mlp", "effnetlite0-mcd-deep", "effnetlite0-vi-linear", "effnetlite0-linear",
             "effnetlite0-gnb")

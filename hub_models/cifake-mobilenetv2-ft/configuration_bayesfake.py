@@ -1,0 +1,152 @@
+"""Configuration of a BayesFake detector: the single source of truth for a released model.
+
+This file ships inside every Hub repo (it is what ``trust_remote_code=True`` downloads), so it depends on nothing but
+``transformers``. Everything needed to rebuild the network, sample it and preprocess its input lives here.
+"""
+
+from __future__ import annotations
+
+import math
+
+from transformers import PretrainedConfig
+
+# Registry of the heads. "deterministic" is the plain baseline (num_samples=1 is exact); "gaussian_nb" is the
+# generative baseline (class-conditional diagonal Gaussians on the features, fitted in closed form; deterministic too);
+# "mc_dropout" samples dropout masks; "variational" samples weights from a Gaussian posterior (bayesian-torch).
+HEAD_KINDS = ("deterministic", "gaussian_nb", "mc_dropout", "variational")
+DETERMINISTIC_HEADS = ("deterministic", "gaussian_nb")
+VARIATIONAL_LAYERS = ("reparameterization", "flipout")
+# Where the variational layers sit: only the classifier head, or every conv/linear layer of the from-scratch CNN.
+VARIATIONAL_SCOPES = ("head", "all")
+# The from-scratch CNN; any other backbone name is created with timm.
+SCRATCH_CNN = "bayesfake_cnn"
+RESAMPLE_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos")
+
+
+class BayesFakeConfig(PretrainedConfig):
+    """Architecture, sampling, decision rule and preprocessing of a BayesFake detector.
+
+    Args:
+        backbone: ``"bayesfake_cnn"`` (from-scratch BatchNorm CNN) or a timm model name.
+        cnn_widths: channels of the from-scratch CNN's three stages (two 3x3 convs each).
+        head: one of ``HEAD_KINDS``.
+        head_hidden: hidden layer sizes of the classifier head MLP (empty for a linear head).
+        dropout: dropout rate of the MC-Dropout head (also used as train-time regulariser elsewhere).
+        variational_layer: ``"reparameterization"`` or ``"flipout"`` (bayesian-torch layer family).
+        variational_scope: ``"head"`` or ``"all"`` (every conv and linear layer Bayesian; scratch CNN only).
+        prior_mu, prior_sigma: Gaussian prior N(mu, sigma^2) on every variational weight.
+        posterior_mu_init, posterior_rho_init: initial posterior mean and rho (sigma = softplus(rho)).
+        num_samples: default number T of Monte Carlo samples.
+        threshold: decision threshold on P(FAKE), chosen on validation.
+        calibration_temperature: temperature applied to every sampled logit (fitted on validation; 1.0 = none).
+        reject_entropy: predictive entropy (nats) above which the verdict is "uncertain"; None = never reject.
+        image_size: square input side in pixels; image_mean / image_std: per-channel normalisation.
+        resample: PIL filter used when an input must be resized to ``image_size``.
+        training_domain: plain-words description of the training data, shown to users.
+        metrics: measured evaluation metrics (namespaced, e.g. ``cls/acc``), written at export.
+    """
+
+    model_type = "bayesfake"
+
+    def __init__(
+        self,
+        backbone: str = SCRATCH_CNN,
+        cnn_widths: list[int] | tuple[int, ...] = (32, 64, 128),
+        head: str = "mc_dropout",
+        head_hidden: list[int] | tuple[int, ...] = (),
+        dropout: float = 0.3,
+        variational_layer: str = "reparameterization",
+        variational_scope: str = "head",
+        prior_mu: float = 0.0,
+        prior_sigma: float = 1.0,
+        posterior_mu_init: float = 0.0,
+        posterior_rho_init: float = -4.0,
+        num_samples: int = 30,
+        threshold: float = 0.5,
+        calibration_temperature: float = 1.0,
+        reject_entropy: float | None = None,
+        image_size: int = 32,
+        image_mean: list[float] | tuple[float, ...] = (0.5, 0.5, 0.5),
+        image_std: list[float] | tuple[float, ...] = (0.5, 0.5, 0.5),
+        resample: str = "bicubic",
+        training_domain: str = "",
+        metrics: dict | None = None,
+        **kwargs,
+    ):
+        kwargs.setdefault("id2label", {0: "REAL", 1: "FAKE"})
+        kwargs.setdefault("label2id", {"REAL": 0, "FAKE": 1})
+        self.backbone = backbone
+        self.cnn_widths = [int(w) for w in cnn_widths]
+        self.head = head
+        self.head_hidden = [int(h) for h in head_hidden]
+        self.dropout = float(dropout)
+        self.variational_layer = variational_layer
+        self.variational_scope = variational_scope
+        self.prior_mu = float(prior_mu)
+        self.prior_sigma = float(prior_sigma)
+        self.posterior_mu_init = float(posterior_mu_init)
+        self.posterior_rho_init = float(posterior_rho_init)
+        self.num_samples = num_samples
+        self.threshold = float(threshold)
+        self.calibration_temperature = float(calibration_temperature)
+        self.reject_entropy = None if reject_entropy is None else float(reject_entropy)
+        self.image_size = image_size
+        self.image_mean = [float(m) for m in image_mean]
+        self.image_std = [float(s) for s in image_std]
+        self.resample = resample
+        self.training_domain = training_domain
+        self.metrics = dict(metrics or {})
+        super().__init__(**kwargs)
+        self.validate_bayesfake()
+
+    def validate_bayesfake(self) -> None:
+        """Raise ``ValueError`` naming the first field whose value cannot make a working detector."""
+
+        def fail(field: str, why: str) -> None:
+            raise ValueError(f"BayesFakeConfig.{field}={getattr(self, field)!r}: {why}")
+
+        if not isinstance(self.backbone, str) or not self.backbone:
+            fail("backbone", f"must be {SCRATCH_CNN!r} or a timm model name")
+        if len(self.cnn_widths) != 3 or min(self.cnn_widths) < 1:
+            fail("cnn_widths", "must be three positive channel counts")
+        if self.head not in HEAD_KINDS:
+            fail("head", f"must be one of {HEAD_KINDS}")
+        if any(h < 1 for h in self.head_hidden):
+            fail("head_hidden", "hidden sizes must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            fail("dropout", "must be in [0, 1)")
+        if self.head == "gaussian_nb" and self.head_hidden:
+            fail("head_hidden", "a gaussian_nb head models the backbone features directly: no hidden layers")
+        if self.head == "mc_dropout" and self.dropout == 0.0:
+            fail("dropout", "an mc_dropout head needs a dropout rate > 0, or it never samples anything")
+        if self.variational_layer not in VARIATIONAL_LAYERS:
+            fail("variational_layer", f"must be one of {VARIATIONAL_LAYERS}")
+        if self.variational_scope not in VARIATIONAL_SCOPES:
+            fail("variational_scope", f"must be one of {VARIATIONAL_SCOPES}")
+        if self.variational_scope == "all" and self.backbone != SCRATCH_CNN:
+            fail("variational_scope", f"'all' is only available for the {SCRATCH_CNN!r} backbone")
+        if not 0 < self.prior_sigma < math.inf:
+            fail("prior_sigma", "must be finite and > 0")
+        if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
+            fail("num_samples", "must be an integer >= 1")
+        if not 0.0 < self.threshold < 1.0:
+            fail("threshold", "must be in (0, 1)")
+        if not 0 < self.calibration_temperature < math.inf:
+            fail("calibration_temperature", "must be finite and > 0")
+        if self.reject_entropy is not None and not self.reject_entropy > 0:
+            fail("reject_entropy", "must be > 0 nats, or None")
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 1:
+            fail("image_size", "must be a positive integer")
+        if len(self.image_mean) != 3:
+            fail("image_mean", "must hold 3 values (RGB)")
+        if len(self.image_std) != 3 or min(self.image_std) <= 0:
+            fail("image_std", "must hold 3 positive values (RGB)")
+        if self.resample not in RESAMPLE_FILTERS:
+            fail("resample", f"must be one of {RESAMPLE_FILTERS}")
+        if self.num_labels != 2:
+            fail("num_labels", "a BayesFake detector has exactly two labels, REAL (0) and FAKE (1)")
+
+    @property
+    def stochastic(self) -> bool:
+        """Whether Monte Carlo sampling changes the output (False for the deterministic and Gaussian NB heads)."""
+        return self.head not in DETERMINISTIC_HEADS

@@ -1,0 +1,143 @@
+"""Image processor of a BayesFake detector: exactly the preprocessing used in training, for any PIL input.
+
+Ships inside every Hub repo next to ``preprocessor_config.json`` (``AutoImageProcessor`` with
+``trust_remote_code=True``). Training decodes its data through ``to_rgb_uint8`` and normalises with
+``normalize_uint8``, so a served image goes through the very same steps as a training image.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+
+PIL_FILTERS = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+# Larger inputs are refused before decoding (PIL itself refuses > 2x its own limit as a decompression bomb).
+DEFAULT_MAX_PIXELS = 64_000_000
+
+
+def load_image(source) -> Image.Image:
+    """Open a path, bytes or PIL image; raise ``ValueError`` with a plain reason when it is not a usable image."""
+    if isinstance(source, Image.Image):
+        return source
+    if isinstance(source, (bytes, bytearray)):
+        import io
+
+        source = io.BytesIO(source)
+    elif isinstance(source, (str, os.PathLike)) and not os.path.isfile(source):
+        raise ValueError(f"no such image file: {source}")
+    try:
+        image = Image.open(source)
+        image.load()
+    except Image.DecompressionBombError as err:
+        raise ValueError(f"image refused: too many pixels ({err})") from err
+    except Exception as err:  # PIL raises many types for corrupt, truncated or non-image data
+        raise ValueError(f"not a readable image ({type(err).__name__}: {err})") from err
+    return image
+
+
+def to_rgb(image: Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Any PIL image -> 8-bit RGB: EXIF orientation applied, first frame of an animation, alpha over white,
+    16/32-bit integer and float modes scaled to 8 bits, palette/CMYK/L/1/LAB/HSV/YCbCr converted."""
+    if image.width < 1 or image.height < 1:
+        raise ValueError(f"image has no pixels ({image.width}x{image.height})")
+    if image.width * image.height > max_pixels:
+        raise ValueError(f"image too large: {image.width}x{image.height} pixels exceeds the limit of {max_pixels:,}")
+    if getattr(image, "is_animated", False):
+        image.seek(0)
+    image = ImageOps.exif_transpose(image) or image
+    mode = image.mode
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        if mode != "F":  # 16-bit (and PNG 16-bit opened as "I") span 0..65535
+            arr = arr / 257.0
+        image = Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8), mode="L")
+        mode = "L"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image if mode == "RGB" else image.convert("RGB")
+
+
+def resize_center_crop(image: Image.Image, size: int, resample: str) -> Image.Image:
+    """Resize the shorter side to ``size`` (antialiased), then center-crop to ``size`` x ``size``."""
+    if image.size == (size, size):
+        return image
+    w, h = image.size
+    scale = size / min(w, h)
+    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+    image = image.resize((nw, nh), PIL_FILTERS[resample])
+    left, top = (nw - size) // 2, (nh - size) // 2
+    return image.crop((left, top, left + size, top + size))
+
+
+class BayesFakeImageProcessor(BaseImageProcessor):
+    """PIL/array/path -> normalised ``pixel_values`` [B, 3, size, size]."""
+
+    model_input_names = ["pixel_values"]
+
+    def __init__(
+        self,
+        size: int = 32,
+        image_mean: list[float] | tuple[float, ...] = (0.5, 0.5, 0.5),
+        image_std: list[float] | tuple[float, ...] = (0.5, 0.5, 0.5),
+        resample: str = "bicubic",
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if isinstance(size, dict):  # tolerate the {"height", "width"} form other processors write
+            size = int(size.get("height") or size.get("shortest_edge"))
+        if resample not in PIL_FILTERS:
+            raise ValueError(f"resample must be one of {sorted(PIL_FILTERS)}; got {resample!r}")
+        self.size = int(size)
+        self.image_mean = [float(v) for v in image_mean]
+        self.image_std = [float(v) for v in image_std]
+        self.resample = resample
+        self.max_pixels = int(max_pixels)
+
+    @classmethod
+    def from_config(cls, config) -> BayesFakeImageProcessor:
+        """The processor matching a ``BayesFakeConfig`` (the config is the source of truth)."""
+        return cls(size=config.image_size, image_mean=config.image_mean, image_std=config.image_std,
+                   resample=config.resample)
+
+    def to_rgb_uint8(self, image) -> np.ndarray:
+        """One image (PIL, path, bytes or HxW[xC] uint8 array) -> [size, size, 3] uint8 RGB array."""
+        if isinstance(image, np.ndarray):
+            if image.dtype != np.uint8:
+                raise ValueError(f"numpy images must be uint8 HxW or HxWxC; got dtype {image.dtype}")
+            image = Image.fromarray(image)
+        elif torch.is_tensor(image):
+            raise ValueError("pass PIL images, paths or uint8 numpy arrays; tensors are taken as already preprocessed")
+        image = to_rgb(load_image(image), self.max_pixels)
+        return np.asarray(resize_center_crop(image, self.size, self.resample), dtype=np.uint8)
+
+    def normalize_uint8(self, batch: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] uint8 -> float32 normalised with the config's mean and std (the last training step too)."""
+        mean = torch.tensor(self.image_mean, device=batch.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.image_std, device=batch.device).view(1, 3, 1, 1)
+        return (batch.float() / 255.0 - mean) / std
+
+    def preprocess(self, images, return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        if not images:
+            raise ValueError("no images given")
+        arrays = np.stack([self.to_rgb_uint8(image) for image in images])
+        pixel_values = self.normalize_uint8(torch.from_numpy(arrays).permute(0, 3, 1, 2))
+        if return_tensors not in ("pt", None):
+            pixel_values = pixel_values.numpy()
+        return BatchFeature(data={"pixel_values": pixel_values}, tensor_type=None)
+
+
+BayesFakeImageProcessor.register_for_auto_class("AutoImageProcessor")

@@ -1,0 +1,502 @@
+"""BayesFake detector: a REAL/FAKE image classifier that says how sure it is, by T-sample Monte Carlo inference.
+
+This file ships inside every Hub repo (``trust_remote_code=True`` downloads it with the configuration file), so it is
+self-contained: torch, transformers, bayesian-torch, and timm only for timm backbones.
+
+Public inference contract: ``out = model(pixel_values, num_samples=T)`` returns a ``BayesFakeOutput`` with
+``probs`` [B, 2] (mean predictive), ``sample_probs`` [T, B, 2], ``std`` [B, 2], ``predictive_entropy`` [B] (total),
+``mutual_information`` [B] (epistemic), ``expected_entropy`` [B] (aleatoric) and ``logits`` = log(probs).
+
+Cheap samples: the deterministic part of the network runs once per image; only the stochastic part is drawn T times,
+batched along the batch axis (layout [B*T, ...], image-major), never as a Python loop of T passes. Where every layer is
+stochastic (``variational_scope="all"``) the T weight samples are batched too, as one grouped convolution per layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from bayesian_torch.layers import Conv2dFlipout, Conv2dReparameterization, LinearFlipout, LinearReparameterization
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.utils import ModelOutput
+
+from .configuration_bayesfake import SCRATCH_CNN, BayesFakeConfig
+
+BAYES_CONV = (Conv2dReparameterization, Conv2dFlipout)
+BAYES_LINEAR = (LinearReparameterization, LinearFlipout)
+BAYES_LAYERS = BAYES_CONV + BAYES_LINEAR
+VERDICT_FAKE = "likely AI-generated"
+VERDICT_REAL = "likely real"
+VERDICT_UNSURE = "uncertain: needs human review"
+
+
+@dataclass
+class BayesFakeOutput(ModelOutput):
+    """Monte Carlo predictive of a BayesFake detector (entropies in nats)."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    probs: torch.Tensor | None = None
+    sample_probs: torch.Tensor | None = None
+    std: torch.Tensor | None = None
+    predictive_entropy: torch.Tensor | None = None
+    mutual_information: torch.Tensor | None = None
+    expected_entropy: torch.Tensor | None = None
+    kl: torch.Tensor | None = None
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Stochastic layers, applied to an image-major batch of T samples: x has shape [B*T, ...].
+
+
+def _softplus_sigma(rho: torch.Tensor) -> torch.Tensor:
+    return F.softplus(rho)
+
+
+def _layer_params(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(mu_w, rho_w, mu_b, rho_b) of a bayesian-torch layer (conv layers call the weight 'kernel')."""
+    if isinstance(layer, BAYES_CONV):
+        return layer.mu_kernel, layer.rho_kernel, layer.mu_bias, layer.rho_bias
+    return layer.mu_weight, layer.rho_weight, layer.mu_bias, layer.rho_bias
+
+
+def _conv_args(layer: nn.Module) -> dict:
+    return dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
+
+
+def apply_layer(layer: nn.Module, x: torch.Tensor, num_samples: int, stochastic: bool) -> torch.Tensor:
+    """Apply a (possibly Bayesian) conv/linear layer to ``x`` of shape [B*T, ...] with T = ``num_samples``.
+
+    Reparameterization layers draw T independent weight tensors and apply them in one grouped conv / batched matmul
+    (exact independent samples). Flipout layers do the same at inference (eval mode): the posterior N(mu, sigma^2) is the
+    same, and one grouped conv per layer costs a third of flipout's two convs and two sign tensors per row. In training
+    they use bayesian-torch's own forward, whose per-example sign flips decorrelate the gradients of a minibatch.
+    With ``stochastic=False`` a Bayesian layer uses its posterior mean weights.
+    """
+    if not isinstance(layer, BAYES_LAYERS):
+        return layer(x)
+    mu_w, rho_w, mu_b, rho_b = _layer_params(layer)
+    is_conv = isinstance(layer, BAYES_CONV)
+    if not stochastic:
+        return F.conv2d(x, mu_w, mu_b, **_conv_args(layer)) if is_conv else F.linear(x, mu_w, mu_b)
+    if isinstance(layer, (Conv2dFlipout, LinearFlipout)) and layer.training:
+        return layer(x, return_kl=False)
+    t = num_samples
+    weight = mu_w + _softplus_sigma(rho_w) * torch.randn((t, *mu_w.shape), device=x.device, dtype=x.dtype)
+    bias = None
+    if mu_b is not None:
+        bias = mu_b + _softplus_sigma(rho_b) * torch.randn((t, *mu_b.shape), device=x.device, dtype=x.dtype)
+    b = x.shape[0] // t
+    if is_conv:
+        # [B*T, C, H, W] image-major is a free view of [B, T*C, H, W]: sample t only sees weight group t.
+        out = F.conv2d(
+            x.reshape(b, t * x.shape[1], *x.shape[2:]),
+            weight.reshape(t * weight.shape[1], *weight.shape[2:]),
+            None if bias is None else bias.reshape(-1),
+            groups=t,
+            **_conv_args(layer),
+        )
+        return out.reshape(b * t, -1, *out.shape[2:])
+    out = torch.einsum("bti,toi->bto", x.reshape(b, t, -1), weight)
+    if bias is not None:
+        out = out + bias
+    return out.reshape(b * t, -1)
+
+
+def gaussian_kl(layer: nn.Module) -> torch.Tensor:
+    """KL(q || prior) of one bayesian-torch layer, summed over its parameters.
+
+    bayesian-torch's own ``kl_div`` averages over parameters; the ELBO needs the sum, so it is computed here.
+    """
+    mu_w, rho_w, mu_b, rho_b = _layer_params(layer)
+    pairs = [(mu_w, rho_w, layer.prior_weight_mu, layer.prior_weight_sigma)]
+    if mu_b is not None:
+        pairs.append((mu_b, rho_b, layer.prior_bias_mu, layer.prior_bias_sigma))
+    total = mu_w.new_zeros(())
+    for mu_q, rho_q, mu_p, sigma_p in pairs:
+        sigma_q = _softplus_sigma(rho_q)
+        kl = torch.log(sigma_p) - torch.log(sigma_q) + (sigma_q**2 + (mu_q - mu_p) ** 2) / (2 * sigma_p**2) - 0.5
+        total = total + kl.sum()
+    return total
+
+
+def make_conv(config: BayesFakeConfig, cin: int, cout: int, bayesian: bool) -> nn.Module:
+    if not bayesian:
+        return nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+    cls = Conv2dFlipout if config.variational_layer == "flipout" else Conv2dReparameterization
+    return cls(cin, cout, 3, padding=1, bias=False, **_prior_kwargs(config))
+
+
+def make_linear(config: BayesFakeConfig, fin: int, fout: int, bayesian: bool) -> nn.Module:
+    if not bayesian:
+        return nn.Linear(fin, fout)
+    cls = LinearFlipout if config.variational_layer == "flipout" else LinearReparameterization
+    return cls(fin, fout, **_prior_kwargs(config))
+
+
+def _prior_kwargs(config: BayesFakeConfig) -> dict:
+    # bayesian-torch names the prior's standard deviation "prior_variance" (it fills prior_*_sigma with it).
+    return dict(
+        prior_mean=config.prior_mu,
+        prior_variance=config.prior_sigma,
+        posterior_mu_init=config.posterior_mu_init,
+        posterior_rho_init=config.posterior_rho_init,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Networks
+
+
+class ScratchCNN(nn.Module):
+    """Compact BatchNorm CNN for small images: three stages of two 3x3 convs, max-pool between, global average pool."""
+
+    def __init__(self, config: BayesFakeConfig, bayesian: bool):
+        super().__init__()
+        widths = config.cnn_widths
+        chans = [3, widths[0], widths[0], widths[1], widths[1], widths[2], widths[2]]
+        self.convs = nn.ModuleList(make_conv(config, chans[i], chans[i + 1], bayesian) for i in range(6))
+        self.norms = nn.ModuleList(nn.BatchNorm2d(chans[i + 1]) for i in range(6))
+        self.num_features = widths[2]
+
+    def forward(self, x: torch.Tensor, num_samples: int = 1, stochastic: bool = False) -> torch.Tensor:
+        for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+            x = F.relu(norm(apply_layer(conv, x, num_samples, stochastic)))
+            if i in (1, 3):
+                x = F.max_pool2d(x, 2)
+        return x.mean(dim=(2, 3))
+
+
+class TimmBackbone(nn.Module):
+    """Any timm model as a pooled feature extractor (classifier removed)."""
+
+    def __init__(self, config: BayesFakeConfig):
+        super().__init__()
+        import timm  # only timm-backbone detectors need it
+
+        self.model = timm.create_model(config.backbone, pretrained=False, num_classes=0)
+        self.num_features = self.model.num_features
+
+    def forward(self, x: torch.Tensor, num_samples: int = 1, stochastic: bool = False) -> torch.Tensor:
+        return self.model(x)
+
+
+class ClassifierHead(nn.Module):
+    """MLP head (features -> hidden... -> 2). Dropout precedes every linear layer.
+
+    Dropout is on in training, and at inference only when sampling an ``mc_dropout`` head: nothing else in the model
+    changes mode, so BatchNorm keeps its running statistics.
+    """
+
+    def __init__(self, config: BayesFakeConfig, in_features: int):
+        super().__init__()
+        self.mc_dropout = config.head == "mc_dropout"
+        bayesian = config.head == "variational"
+        sizes = [in_features, *config.head_hidden, 2]
+        self.dropout = config.dropout if config.head != "variational" else 0.0
+        self.layers = nn.ModuleList(make_linear(config, sizes[i], sizes[i + 1], bayesian) for i in range(len(sizes) - 1))
+
+    def forward(self, x: torch.Tensor, num_samples: int = 1, stochastic: bool = False) -> torch.Tensor:
+        drop = self.dropout > 0 and (self.training or (stochastic and self.mc_dropout))
+        for i, layer in enumerate(self.layers):
+            if drop:
+                x = F.dropout(x, self.dropout, training=True)
+            x = apply_layer(layer, x, num_samples, stochastic)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+class GaussianNBHead(nn.Module):
+    """Gaussian Naive Bayes on the backbone features: log p(c) + sum_d log N(x_d | theta_cd, var_cd), per class c.
+
+    The generative baseline, expressed in torch so it ships, loads and samples like every other head. Its statistics
+    are buffers fitted in closed form (``fit``, the same estimator as scikit-learn's GaussianNB); the logits it returns
+    are the log joint, so their softmax is exactly the Naive Bayes posterior.
+    """
+
+    def __init__(self, config: BayesFakeConfig, in_features: int):
+        super().__init__()
+        self.register_buffer("theta", torch.zeros(2, in_features))
+        self.register_buffer("var", torch.ones(2, in_features))
+        self.register_buffer("log_prior", torch.full((2,), -math.log(2.0)))
+
+    @torch.no_grad()
+    def fit(self, features: torch.Tensor, labels: torch.Tensor, var_smoothing: float = 1e-9) -> GaussianNBHead:
+        """Per-class mean and variance of ``features`` [N, D]; like scikit-learn, every variance gets
+        ``var_smoothing`` times the largest feature variance added, so no feature divides by zero."""
+        features = features.to(self.theta.device, torch.float64)
+        labels = labels.to(self.theta.device)
+        epsilon = var_smoothing * features.var(0, unbiased=False).max()
+        for c in (0, 1):
+            rows = features[labels == c]
+            if len(rows) == 0:
+                raise ValueError(f"GaussianNBHead.fit: no training example of class {c}")
+            self.theta[c] = rows.mean(0).to(self.theta.dtype)
+            self.var[c] = (rows.var(0, unbiased=False) + epsilon).to(self.var.dtype)
+            self.log_prior[c] = math.log(len(rows) / len(features))
+        return self
+
+    def forward(self, x: torch.Tensor, num_samples: int = 1, stochastic: bool = False) -> torch.Tensor:
+        x = x.unsqueeze(1)  # [N, 1, D] against [2, D]
+        log_likelihood = -0.5 * (torch.log(2 * math.pi * self.var) + (x - self.theta) ** 2 / self.var).sum(-1)
+        return log_likelihood + self.log_prior
+
+
+def make_head(config: BayesFakeConfig, in_features: int) -> nn.Module:
+    return GaussianNBHead(config, in_features) if config.head == "gaussian_nb" else ClassifierHead(config, in_features)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The Hub model
+
+
+@contextlib.contextmanager
+def sampling_rng(seed: int | None, generator: torch.Generator | None, device: torch.device):
+    """Make every random draw inside repeatable: fork the RNG of ``device`` and seed it from ``seed`` or ``generator``."""
+    if seed is None and generator is None:
+        yield
+        return
+    if seed is None:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+        torch.manual_seed(seed)
+        yield
+
+
+def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    return -(p * torch.log(p.clamp_min(1e-12))).sum(dim)
+
+
+class BayesFakePreTrainedModel(PreTrainedModel):
+    config_class = BayesFakeConfig
+    base_model_prefix = "bayesfake"
+    main_input_name = "pixel_values"
+    _no_split_modules = ["ScratchCNN", "TimmBackbone", "ClassifierHead", "GaussianNBHead"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # PreTrainedModel's default normal(0.02) cripples ReLU conv nets trained from scratch: use He init instead.
+        if isinstance(module, nn.Conv2d):
+            init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Linear):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            if module.weight is not None:
+                init.ones_(module.weight)
+                init.zeros_(module.bias)
+            if module.running_mean is not None:
+                init.zeros_(module.running_mean)
+                init.ones_(module.running_var)
+                init.zeros_(module.num_batches_tracked)
+        elif isinstance(module, BAYES_LAYERS):
+            self._init_bayesian(module)
+
+    def _init_bayesian(self, layer: nn.Module) -> None:
+        # The priors are non-persistent buffers, never in the checkpoint: transformers 5 allocates them with
+        # torch.empty_like on load, so they must be filled here from the config or the KL comes back as garbage.
+        cfg = self.config
+        for name in ("prior_weight_mu", "prior_bias_mu"):
+            if getattr(layer, name, None) is not None:
+                getattr(layer, name).fill_(cfg.prior_mu)
+        for name in ("prior_weight_sigma", "prior_bias_sigma"):
+            if getattr(layer, name, None) is not None:
+                getattr(layer, name).fill_(cfg.prior_sigma)
+        mu_w, rho_w, mu_b, rho_b = _layer_params(layer)
+        init.kaiming_normal_(mu_w, mode="fan_in", nonlinearity="relu")
+        init.normal_(rho_w, mean=cfg.posterior_rho_init, std=0.1)
+        if mu_b is not None:
+            init.zeros_(mu_b)
+            init.normal_(rho_b, mean=cfg.posterior_rho_init, std=0.1)
+
+
+class BayesFakeDetector(BayesFakePreTrainedModel):
+    """REAL/FAKE detector with Monte Carlo uncertainty; see the module docstring for the inference contract."""
+
+    def __init__(self, config: BayesFakeConfig):
+        super().__init__(config)
+        self.backbone_stochastic = config.head == "variational" and config.variational_scope == "all"
+        if config.backbone == SCRATCH_CNN:
+            self.backbone = ScratchCNN(config, bayesian=self.backbone_stochastic)
+        else:
+            self.backbone = TimmBackbone(config)
+        self.head = make_head(config, self.backbone.num_features)
+        self.post_init()
+
+    def bayesian_layers(self) -> list[nn.Module]:
+        return [m for m in self.modules() if isinstance(m, BAYES_LAYERS)]
+
+    def kl_divergence(self) -> torch.Tensor:
+        """Sum over every variational weight of KL(posterior || prior); 0 for models without one."""
+        layers = self.bayesian_layers()
+        if not layers:
+            return torch.zeros((), device=self.device)
+        return torch.stack([gaussian_kl(layer) for layer in layers]).sum()
+
+    def sample_features(self, pixel_values: torch.Tensor, num_samples: int, stochastic: bool = True) -> torch.Tensor:
+        """Backbone features: [B, D] from one pass per image, or [B*T, D] (image-major) when every layer is sampled."""
+        if self.backbone_stochastic and stochastic:
+            b, t = pixel_values.shape[0], num_samples
+            x = pixel_values.unsqueeze(1).expand(b, t, *pixel_values.shape[1:]).reshape(b * t, *pixel_values.shape[1:])
+            return self.backbone(x, t, stochastic)
+        return self.backbone(pixel_values, 1, stochastic)
+
+    def sample_head_logits(self, features: torch.Tensor, batch: int, num_samples: int,
+                           stochastic: bool = True) -> torch.Tensor:
+        """Logits [T, B, 2] of the head on ``features`` ([B, D] shared by the T samples, or [B*T, D])."""
+        t = num_samples
+        if features.shape[0] == batch:
+            features = features.unsqueeze(1).expand(batch, t, features.shape[-1]).reshape(batch * t, -1)
+        logits = self.head(features, t, stochastic)
+        return logits.reshape(batch, t, -1).transpose(0, 1)
+
+    def sample_logits(self, pixel_values: torch.Tensor, num_samples: int, stochastic: bool = True) -> torch.Tensor:
+        """Logits of T Monte Carlo samples, [T, B, 2]; the deterministic trunk runs once per image."""
+        features = self.sample_features(pixel_values, num_samples, stochastic)
+        return self.sample_head_logits(features, pixel_values.shape[0], num_samples, stochastic)
+
+    def _num_samples(self, num_samples: int | None) -> int:
+        t = self.config.num_samples if num_samples is None else num_samples
+        if isinstance(t, bool) or not isinstance(t, int) or t < 1:
+            raise ValueError(f"num_samples must be an integer >= 1; got {t!r}")
+        return t
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        num_samples: int | None = None,
+        labels: torch.Tensor | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        stochastic: bool = True,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BayesFakeOutput:
+        """Monte Carlo predictive over ``num_samples`` (default ``config.num_samples``) samples.
+
+        Args:
+            pixel_values: [B, 3, H, W] float images, normalised as the image processor does.
+            num_samples: T; with a deterministic head (or ``stochastic=False``) one pass is computed and repeated.
+            labels: optional [B] class ids; then ``loss`` is the NLL of the mean predictive.
+            seed / generator: make the sampling repeatable (the global RNG is left untouched).
+            stochastic: False gives the mean-field deterministic pass (dropout off, posterior mean weights).
+        """
+        if not torch.is_tensor(pixel_values) or pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+            shape = tuple(pixel_values.shape) if torch.is_tensor(pixel_values) else type(pixel_values).__name__
+            raise ValueError(f"pixel_values must be a float tensor [B, 3, H, W]; got {shape}")
+        t = self._num_samples(num_samples)
+        param = next(self.parameters())
+        pixel_values = pixel_values.to(device=param.device, dtype=param.dtype)
+        sampled = stochastic and self.config.stochastic
+        with sampling_rng(seed, generator, param.device):
+            logits = self.sample_logits(pixel_values, t if sampled else 1, stochastic=sampled)
+        return self._predictive(logits, t, labels)
+
+    def forward_features(
+        self,
+        features: torch.Tensor,
+        num_samples: int | None = None,
+        labels: torch.Tensor | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        stochastic: bool = True,
+    ) -> BayesFakeOutput:
+        """The same predictive as ``forward``, from backbone features [B, D] computed beforehand (e.g. a feature
+        cache): ``forward(x)`` equals ``forward_features(model.backbone(x))`` for the same seed. Not available when
+        every layer is variational (the features then differ per sample)."""
+        if self.backbone_stochastic:
+            raise ValueError("forward_features: every layer of this model is sampled; call the model on pixels")
+        width = self.backbone.num_features
+        if not torch.is_tensor(features) or features.dim() != 2 or features.shape[1] != width:
+            shape = tuple(features.shape) if torch.is_tensor(features) else type(features).__name__
+            raise ValueError(f"features must be a float tensor [B, {width}]; got {shape}")
+        t = self._num_samples(num_samples)
+        param = next(self.parameters())
+        features = features.to(device=param.device, dtype=param.dtype)
+        sampled = stochastic and self.config.stochastic
+        with sampling_rng(seed, generator, param.device):
+            logits = self.sample_head_logits(features, features.shape[0], t if sampled else 1, stochastic=sampled)
+        return self._predictive(logits, t, labels)
+
+    def _predictive(self, logits: torch.Tensor, t: int, labels: torch.Tensor | None) -> BayesFakeOutput:
+        if logits.shape[0] == 1 and t > 1:
+            logits = logits.expand(t, *logits.shape[1:])
+        sample_probs = torch.softmax(logits.float() / self.config.calibration_temperature, dim=-1)
+        probs = sample_probs.mean(0)
+        predictive_entropy = entropy(probs)
+        expected_entropy = entropy(sample_probs).mean(0)
+        # MI >= 0 by Jensen; clamp the float round-off so callers can rely on it.
+        mutual_information = (predictive_entropy - expected_entropy).clamp_min(0.0)
+        log_probs = torch.log(probs.clamp_min(1e-12))
+        loss = None
+        if labels is not None:
+            loss = F.nll_loss(log_probs, labels.to(log_probs.device).long())
+        kl = self.kl_divergence() if self.bayesian_layers() and (self.training or labels is not None) else None
+        return BayesFakeOutput(
+            loss=loss,
+            logits=log_probs,
+            probs=probs,
+            sample_probs=sample_probs,
+            std=sample_probs.std(0, unbiased=False),
+            predictive_entropy=predictive_entropy,
+            mutual_information=mutual_information,
+            expected_entropy=expected_entropy,
+            kl=kl,
+        )
+
+    def explain(self, pixel_values: torch.Tensor, num_samples: int | None = None, seed: int | None = 0) -> dict:
+        """Why the detector says what it says: gradients of the Monte Carlo P(FAKE) of each image.
+
+        Returns a dict of tensors (no graph attached):
+            ``saliency`` [B, H, W]: |d P(FAKE) / d pixel|, the largest over the colour channels (input-gradient map);
+            ``feature_gradient`` [B, D]: d P(FAKE) / d feature, for each backbone feature;
+            ``feature_importance`` [B, D]: |feature * gradient|, how much each feature moves P(FAKE) (gradient x input);
+            ``p_fake`` [B]: the P(FAKE) that was differentiated.
+        The T samples share one seeded draw (``seed``), so the map is repeatable; the backbone still runs once.
+        """
+        t = self._num_samples(num_samples)
+        param = next(self.parameters())
+        x = pixel_values.detach().to(device=param.device, dtype=param.dtype).requires_grad_(True)
+        sampled = self.config.stochastic
+        with torch.enable_grad(), sampling_rng(seed, None, param.device):
+            features = self.sample_features(x, t if sampled else 1, stochastic=sampled)
+            logits = self.sample_head_logits(features, x.shape[0], t if sampled else 1, stochastic=sampled)
+            p_fake = self._predictive(logits, t, None).probs[:, 1]
+            # Images are independent, so one gradient of the sum gives every image's own; autograd.grad (not
+            # backward) leaves the parameters' .grad alone, so explaining never disturbs a training loop.
+            pixel_grad, feature_grad = torch.autograd.grad(p_fake.sum(), [x, features])
+        b = x.shape[0]
+        feature_gradient = feature_grad.reshape(b, -1, features.shape[-1])
+        attribution = (features.detach().reshape(b, -1, features.shape[-1]) * feature_gradient).abs()
+        return {
+            "saliency": pixel_grad.abs().amax(dim=1),
+            "feature_gradient": feature_gradient.sum(1),  # all-layer VI: summed over the per-sample features
+            "feature_importance": attribution.sum(1),
+            "p_fake": p_fake.detach(),
+        }
+
+    def verdicts(self, output: BayesFakeOutput) -> list[str]:
+        """Plain-words verdict per image from the config's threshold on P(FAKE) and its reject rule on entropy."""
+        words = []
+        reject = self.config.reject_entropy
+        for p_fake, h in zip(output.probs[:, 1].tolist(), output.predictive_entropy.tolist()):
+            if reject is not None and h > reject:
+                words.append(VERDICT_UNSURE)
+            else:
+                words.append(VERDICT_FAKE if p_fake >= self.config.threshold else VERDICT_REAL)
+        return words
+
+
+BayesFakeConfig.register_for_auto_class()
+BayesFakeDetector.register_for_auto_class("AutoModel")
