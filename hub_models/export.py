@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -79,7 +80,8 @@ def model_card(config: BayesFakeConfig, report: dict | None, plot_names: list[st
     eval_results = [
         EvalResult(task_type="image-classification", dataset_type="cifake", dataset_name=dataset, dataset_split=split,
                    metric_type=kind, metric_name=name, metric_value=float(metrics[key]))
-        for key, kind, name in CARD_METRICS if key in metrics
+        # A metric that could not be measured (None/NaN in the report) is left out of the card, never claimed.
+        for key, kind, name in CARD_METRICS if isinstance(metrics.get(key), (int, float)) and math.isfinite(metrics[key])
     ]
     data = ModelCardData(
         license="mit",
