@@ -434,8 +434,10 @@ def plot_feature_pca(features: np.ndarray, preds: Predictions, path: Path, title
     save_figure(fig, path)
 
 
-def write_plots(metrics: dict, preds: Predictions, out_dir: Path) -> list[str]:
-    """Write every plot into ``out_dir``; return the file names."""
+def write_plots(metrics: dict, preds: Predictions, out_dir: Path, features: np.ndarray | None = None,
+                pca_title: str = "") -> list[str]:
+    """Write every plot into ``out_dir``; return the file names. With the backbone ``features`` the predictions came
+    from (a frozen backbone's cache), their PCA is drawn too."""
     threshold = metrics["meta/threshold"]
     plots = {
         "reliability.png": lambda path: plot_reliability(preds, metrics["cal/ece"], path),
@@ -444,12 +446,15 @@ def write_plots(metrics: dict, preds: Predictions, out_dir: Path) -> list[str]:
         "confusion_matrix.png": lambda path: plot_confusion_matrix(metrics["cls/confusion_matrix"], threshold, path),
         "roc.png": lambda path: plot_roc(preds, threshold, metrics["cls/auroc"], path),
     }
+    if features is not None:
+        plots["feature_pca.png"] = lambda path: plot_feature_pca(features, preds, path, title=pca_title)
     for name, draw in plots.items():
         draw(out_dir / name)
     return list(plots)
 
 
-def write_report(metrics: dict, preds: Predictions, out_dir: str | Path, name: str, extra: dict | None = None) -> dict:
+def write_report(metrics: dict, preds: Predictions, out_dir: str | Path, name: str, extra: dict | None = None,
+                 features: np.ndarray | None = None) -> dict:
     """Write ``report.json``, ``report.md`` and the PNG plots into ``out_dir``; return the report dict.
 
     The report holds ``name``, ``dataset``, ``split``, ``thresholds`` (defaults: CIFAKE, test, the metrics' threshold;
@@ -464,8 +469,8 @@ def write_report(metrics: dict, preds: Predictions, out_dir: str | Path, name: s
         "thresholds": {"chosen": metrics["meta/threshold"]},
         **(extra or {}),
         "metrics": metrics,
-        "plots": write_plots(metrics, preds, out),
     }
+    report["plots"] = write_plots(metrics, preds, out, features, pca_title=f"{name}: {report['split']} features")
     report = json_safe(report)
     (out / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n")
     (out / "report.md").write_text(report_markdown(report))
@@ -522,7 +527,8 @@ def calibrate_and_evaluate(model, splits: dict, out_dir: str | Path, num_samples
     preds = predict(model, *splits[split], num_samples, batch_size, seed, progress)
     metrics = compute_metrics(preds, model.config.threshold)
     extra = {"dataset": dataset, "split": split, **summary}
-    return write_report(metrics, preds, out_dir, name, extra)
+    inputs = splits[split][0]
+    return write_report(metrics, preds, out_dir, name, extra, features=inputs if is_features(inputs) else None)
 
 
 def subsample(images: np.ndarray, labels: np.ndarray, max_n: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:

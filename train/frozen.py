@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from hub_models import BayesFakeConfig, BayesFakeDetector
 from train.data import load_splits
-from train.evaluate import calibrate_and_evaluate, calibrate_on_validation, plot_feature_pca, predict
+from train.evaluate import calibrate_and_evaluate, calibrate_on_validation, predict
 from train.features import cache_folder, extract_features, load_backbone_weights
 from train.hpsearch import parse_grid, write_table
 from train.train import YamlConfig, epoch_order
@@ -136,12 +136,9 @@ def run(cfg: FrozenHeadConfig, split: str | None = None, export: str | None = No
     report = None
     if split:
         eval_dir = out / f"eval_{split}"
+        # On cached features, the report also draws their PCA (feature_pca.png).
         report = calibrate_and_evaluate(model, {"val": data["val"], split: data[split]}, eval_dir, split=split,
                                         name=export and Path(export).name or cfg.name, progress=progress)
-        preds = predict(model, *data[split], progress=False)
-        plot_feature_pca(data[split][0], preds, eval_dir / "feature_pca.png", title=f"{cfg.name}: {split} features")
-        report["plots"].append("feature_pca.png")
-        (eval_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         print(json.dumps(report["metrics"], indent=2))
     if export:
         from hub_models.export import export_detector
