@@ -106,11 +106,11 @@ def test_interrupted_training_resumes_bit_exact(tmp_path, image_folder, monkeypa
     cfg = TrainConfig.from_file(path, [f"out_dir={tmp_path / 'broken'}"])
     real_lr_at, calls = train_mod.lr_at, []
 
-    def crash_in_last_step(step, total, c):
+    def crash_in_last_step(step, steps_per_epoch, c):
         calls.append(step)
         if len(calls) == 6:  # 3 steps per epoch: the last step of epoch 2, after its step-2 checkpoint
             raise KeyboardInterrupt
-        return real_lr_at(step, total, c)
+        return real_lr_at(step, steps_per_epoch, c)
 
     monkeypatch.setattr(train_mod, "lr_at", crash_in_last_step)
     with pytest.raises(KeyboardInterrupt):
@@ -123,6 +123,32 @@ def test_interrupted_training_resumes_bit_exact(tmp_path, image_folder, monkeypa
 
     a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_finished_run_extended_by_a_warm_restart_equals_the_longer_run(tmp_path, image_folder, monkeypatch):
+    """A finished 2-epoch run resumed under a [2, 1]-cycle config is the 3-epoch [2, 1] run from scratch, bit-exact."""
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("BAYESFAKE_CACHE", str(tmp_path / "cache"))
+    path = write_config(tmp_path, image_folder)
+    longer = ["epochs=3", "lr_cycles=[2, 1]", "lr_cycle_decay=0.5"]
+    scratch = train(TrainConfig.from_file(path, [f"out_dir={tmp_path / 'scratch'}", *longer]))
+    train(TrainConfig.from_file(path, [f"out_dir={tmp_path / 'short'}"]))
+    # ckpt_every is how the run executes, not what it computes: a different value does not block the resume
+    extended = train(TrainConfig.from_file(path, [f"out_dir={tmp_path / 'short'}", "ckpt_every=5", *longer]),
+                     resume=True)
+    a, b = load_file(scratch / "model.safetensors"), load_file(extended / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    history = json.loads((tmp_path / "short" / "history.json").read_text())
+    assert [h["epoch"] for h in history["history"]] == [1, 2, 3]
+
+    # A schedule whose first steps differ (one 4-epoch cycle) would not have reached that checkpoint: refused.
+    with pytest.raises(ValueError, match="learning-rate schedule"):
+        train(TrainConfig.from_file(path, [f"out_dir={tmp_path / 'short'}", "epochs=4"]), resume=True)
+    with pytest.raises(ValueError, match="different config"):
+        train(TrainConfig.from_file(path, [f"out_dir={tmp_path / 'short'}", "lr=0.1"]), resume=True)
+    with pytest.raises(ValueError, match="summing to epochs"):
+        TrainConfig.from_file(path, ["lr_cycles=[1, 1]", "epochs=3"])
 
 
 def test_variational_training_and_search_table(tmp_path, image_folder, monkeypatch):

@@ -72,7 +72,11 @@ class TrainConfig(YamlConfig):
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 5e-4
-    warmup_fraction: float = 0.05
+    warmup_fraction: float = 0.05  # of each cosine cycle
+    # Cosine cycles with warm restarts (SGDR): epochs per cycle, summing to `epochs`; empty = one cycle. Each restart
+    # peaks at lr * lr_cycle_decay**k. A finished run extended by a new cycle resumes from its checkpoint (see below).
+    lr_cycles: list = field(default_factory=list)
+    lr_cycle_decay: float = 1.0
     label_smoothing: float = 0.0
     kl_weight: float = 1.0  # variational heads only
     augment: bool = True  # random horizontal flip + translation by up to `crop_pad` pixels
@@ -85,6 +89,10 @@ class TrainConfig(YamlConfig):
     max_train: int = 0  # >0: subsample the training set (smoke runs, searches)
     channels_last: bool = True  # NHWC activations: oneDNN's faster convolution layout on CPU
     backbone_weights: str = ""  # timm backbones: pretrained weights file, or "timm" to download them by name
+
+    def __post_init__(self):
+        if self.lr_cycles and (sum(self.lr_cycles) != self.epochs or min(self.lr_cycles) < 1):
+            raise ValueError(f"lr_cycles {self.lr_cycles} must be positive epoch counts summing to epochs={self.epochs}")
 
 
 def augment_batch(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
@@ -107,12 +115,48 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
-def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
-    """Linear warm-up then cosine decay to zero."""
+def lr_at(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
+    """Per cycle: linear warm-up then cosine decay to zero (one cycle over all epochs unless `lr_cycles` says more)."""
+    start = 0
+    for k, cycle_epochs in enumerate(cfg.lr_cycles or [cfg.epochs]):
+        total = cycle_epochs * steps_per_epoch
+        if step < start + total or k == len(cfg.lr_cycles or [cfg.epochs]) - 1:
+            break
+        start += total
+    peak, step = cfg.lr * cfg.lr_cycle_decay**k, step - start
     warm = max(1, int(total * cfg.warmup_fraction))
     if step < warm:
-        return cfg.lr * (step + 1) / warm
-    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+        return peak * (step + 1) / warm
+    return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+
+# Keys that change how a run executes, not what it computes: a resumed run may set them differently.
+RUNTIME_KEYS = {"threads", "ckpt_every", "out_dir"}
+# Keys that only lengthen the schedule: a checkpoint written under another value is resumed when every step it has
+# taken used the learning rate the new config gives that step, i.e. the new config from scratch would have reached
+# the same state. This is how a finished run is extended by a warm-restart cycle without re-running it.
+SCHEDULE_KEYS = {"epochs", "lr_cycles", "lr_cycle_decay"}
+
+
+def check_resumable(saved: dict, cfg: TrainConfig, steps_done: int, steps_per_epoch: int) -> None:
+    """Raise unless a checkpoint written under the config ``saved`` can continue under ``cfg``."""
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(cfg)
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+    saved = {**defaults, **saved}  # keys added to TrainConfig after the checkpoint count as their defaults
+    current = dataclasses.asdict(cfg)
+    differing = {k for k in current if saved.get(k) != current[k]} - RUNTIME_KEYS
+    if not differing:
+        return
+    if differing - SCHEDULE_KEYS:
+        raise ValueError(f"--resume: the checkpoint was written by a different config ({sorted(differing)} differ); "
+                         "start a new out_dir")
+    old = dataclasses.replace(cfg, **{k: saved[k] for k in SCHEDULE_KEYS})
+    if steps_done > cfg.epochs * steps_per_epoch or any(
+            not math.isclose(lr_at(s, steps_per_epoch, old), lr_at(s, steps_per_epoch, cfg), rel_tol=1e-12)
+            for s in range(steps_done)):
+        raise ValueError(f"--resume: the checkpoint's {steps_done} steps followed another learning-rate schedule "
+                         f"than {sorted(differing)} give now; start a new out_dir")
 
 
 @torch.no_grad()
@@ -165,17 +209,13 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
     model, optimizer = accelerator.prepare(model, optimizer)
     world, rank = accelerator.num_processes, accelerator.process_index
     steps_per_epoch = n_train // (cfg.batch_size * world)
-    total_steps = steps_per_epoch * cfg.epochs
     start_epoch, start_step, history, elapsed = 0, 0, [], 0.0
     ckpt_path = out / "checkpoint.pt"
     if resume:
         if not ckpt_path.is_file():
             raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}")
         state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        # Keys added to TrainConfig after the checkpoint was written count as their defaults.
-        defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
-        if {**defaults, **state["train_config"]} != dataclasses.asdict(cfg):
-            raise ValueError(f"--resume: {ckpt_path} was written by a different config; start a new out_dir")
+        check_resumable(state["train_config"], cfg, state["epoch"] * steps_per_epoch + state["step"], steps_per_epoch)
         accelerator.unwrap_model(model).load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         start_epoch, start_step, history, elapsed = state["epoch"], state["step"], state["history"], state["elapsed"]
@@ -208,7 +248,7 @@ def train(cfg: TrainConfig, resume: bool = False) -> Path:
             x = processor.normalize_uint8(x.to(device)).contiguous(memory_format=memory_format)
             y = train_y[idx].to(device)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(epoch * steps_per_epoch + step, total_steps, cfg)
+                group["lr"] = lr_at(epoch * steps_per_epoch + step, steps_per_epoch, cfg)
             pred = model(x, num_samples=1)
             loss = F.cross_entropy(pred.logits, y, label_smoothing=cfg.label_smoothing)
             if pred.kl is not None:
