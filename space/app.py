@@ -204,6 +204,10 @@ class Detector:
         pixel_values = self.processor(image.rgb, return_tensors="pt")["pixel_values"]
         with INFERENCE_LOCK, torch.inference_mode():
             out = self.model(pixel_values, num_samples=num_samples, seed=SEED)
+        return self.answer(image, out, num_samples)
+
+    def answer(self, image: InputImage, out, num_samples: int) -> dict:
+        """The ``/predict`` answer for one image from the detector's ``BayesFakeOutput``."""
         return {
             "detector": self.name,
             "verdict": self.model.verdicts(out)[0],
@@ -222,12 +226,17 @@ class Detector:
             "warnings": domain_warnings(image, self.config),
         }
 
-    def explain(self, image: InputImage, num_samples: int) -> dict:
-        """Why: the input-gradient saliency map (normalised to [0, 1], at the detector's input size) and the backbone
-        features that move P(FAKE) most (gradient x feature), from ``model.explain``."""
+    def predict_and_explain(self, image: InputImage, num_samples: int) -> tuple[dict, dict]:
+        """The ``/predict`` and ``/explain`` answers from one run of the detector (``model.explain`` returns the
+        predictive it differentiated, the same as ``model(...)`` with the same seed)."""
         pixel_values = self.processor(image.rgb, return_tensors="pt")["pixel_values"]
         with INFERENCE_LOCK:
             out = self.model.explain(pixel_values, num_samples=num_samples, seed=SEED)
+        return self.answer(image, out["output"], num_samples), self.explanation(out, num_samples)
+
+    def explanation(self, out: dict, num_samples: int) -> dict:
+        """Why, from ``model.explain``: the input-gradient saliency map (normalised to [0, 1], at the detector's input
+        size) and the backbone features that move P(FAKE) most (gradient x feature)."""
         saliency = out["saliency"][0]
         saliency = saliency / saliency.max().clamp_min(1e-12)
         importance, gradient = out["feature_importance"][0], out["feature_gradient"][0]
@@ -292,10 +301,15 @@ class DetectorPool:
 
     def explain(self, image: InputImage, num_samples, names: list[str] | None = None) -> dict:
         """What ``/explain`` answers for one decoded image."""
+        return self.analyse_and_explain(image, num_samples, names)[1]
+
+    def analyse_and_explain(self, image: InputImage, num_samples, names: list[str] | None = None) -> tuple[dict, dict]:
+        """What ``/predict`` and ``/explain`` answer for one decoded image, running each detector once (the page)."""
         detectors = self.select(names)
         num_samples = checked_num_samples(num_samples)
-        return {"image": image.describe(),
-                "detectors": {d.name: d.explain(image, num_samples) for d in detectors}}
+        both = {d.name: d.predict_and_explain(image, num_samples) for d in detectors}
+        return ({"image": image.describe(), "detectors": {name: pair[0] for name, pair in both.items()}},
+                {"image": image.describe(), "detectors": {name: pair[1] for name, pair in both.items()}})
 
     def analyse_files(self, paths: list[str], num_samples, names: list[str] | None = None) -> list[dict]:
         """One answer per file; a file that cannot be read gives ``{"file", "error"}`` and the others still run."""
@@ -609,8 +623,8 @@ def build_demo(model_ids: list[str]) -> gr.Blocks:
             return "Upload an image or pick an example.", None, None, None, None, None
         try:
             image = read_image(uploaded_path(upload))
-            answer = pool.analyse(image, num_samples, names)
-            why = explanation_chart(image, list(pool.explain(image, num_samples, names)["detectors"].values()))
+            answer, explained = pool.analyse_and_explain(image, num_samples, names)
+            why = explanation_chart(image, list(explained["detectors"].values()))
         except ValueError as err:
             gr.Warning(str(err))
             return f"**Could not analyse this image:** {err}", None, None, None, None, None

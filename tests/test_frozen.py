@@ -80,6 +80,12 @@ def test_explain_gives_the_gradients_of_p_fake(one_thread):
     torch.testing.assert_close(out["feature_gradient"], grad)
     torch.testing.assert_close(out["feature_importance"], (feats * grad).abs().detach())
     assert all(p.grad is None for p in model.parameters())  # explaining leaves a training loop's grads alone
+    # It also returns the predictive it differentiated: the forward pass, so one run gives verdict and reasons.
+    with torch.no_grad():
+        forward = model(x, num_samples=5, seed=1)
+    for key in ("probs", "sample_probs", "std", "predictive_entropy", "mutual_information", "expected_entropy"):
+        torch.testing.assert_close(out["output"][key], forward[key])
+        assert not out["output"][key].requires_grad
     # The scratch CNN with every layer variational explains too (its features differ per sample).
     vi = BayesFakeDetector(BayesFakeConfig(cnn_widths=[4, 8, 8], head="variational", variational_scope="all")).eval()
     assert vi.explain(x, num_samples=3)["saliency"].shape == (2, 32, 32)

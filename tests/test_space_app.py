@@ -194,6 +194,28 @@ def test_explain_returns_the_models_own_gradients(client, detector_dirs):
         client.predict(handle_file(__file__), 8, api_name="/explain")
 
 
+def test_page_runs_each_detector_once_for_verdict_and_explanation(client, detector_dirs, monkeypatch):
+    """The page's verdicts come from the same run as its explanation chart, and equal what /predict answers."""
+    pool = app.DetectorPool.load(detector_dirs)
+    calls = []
+    for detector in pool.detectors.values():
+        for method in ("forward", "explain"):
+            real = getattr(detector.model, method)
+            monkeypatch.setattr(detector.model, method,
+                                lambda *a, _real=real, _m=method, **k: calls.append(_m) or _real(*a, **k))
+    image = app.read_image(str(FAKE_EXAMPLE))
+    answer, explained = pool.analyse_and_explain(image, 8)
+    assert calls == ["explain"] * len(detector_dirs)
+    served = predict(client, FAKE_EXAMPLE, num_samples=8)
+    for name in detector_dirs:
+        mine, theirs = answer["detectors"][name], served["detectors"][name]
+        assert mine["verdict"] == theirs["verdict"]
+        for key in ("predictive_entropy", "mutual_information", "expected_entropy"):
+            assert mine[key] == pytest.approx(theirs[key], abs=1e-6)
+        np.testing.assert_allclose(mine["sample_p_fake"], theirs["sample_p_fake"], atol=1e-6)
+        assert explained["detectors"][name]["p_fake"] == pytest.approx(mine["probs"]["FAKE"], abs=1e-6)
+
+
 def test_models_reports_loaded_configs_and_the_load_failure(client, detector_dirs):
     models = client.predict(api_name="/models")
     assert [m["name"] for m in models["loaded"]] == detector_dirs

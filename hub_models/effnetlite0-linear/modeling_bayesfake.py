@@ -395,13 +395,9 @@ class BayesFakeDetector(BayesFakePreTrainedModel):
         if not torch.is_tensor(pixel_values) or pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
             shape = tuple(pixel_values.shape) if torch.is_tensor(pixel_values) else type(pixel_values).__name__
             raise ValueError(f"pixel_values must be a float tensor [B, 3, H, W]; got {shape}")
-        t = self._num_samples(num_samples)
-        param = next(self.parameters())
-        pixel_values = pixel_values.to(device=param.device, dtype=param.dtype)
-        sampled = stochastic and self.config.stochastic
-        with sampling_rng(seed, generator, param.device):
-            logits = self.sample_logits(pixel_values, t if sampled else 1, stochastic=sampled)
-        return self._predictive(logits, t, labels)
+        return self._sampled_predictive(
+            lambda x, t, sampled: self.sample_logits(x, t, stochastic=sampled),
+            pixel_values, num_samples, labels, seed, generator, stochastic)
 
     def forward_features(
         self,
@@ -421,12 +417,21 @@ class BayesFakeDetector(BayesFakePreTrainedModel):
         if not torch.is_tensor(features) or features.dim() != 2 or features.shape[1] != width:
             shape = tuple(features.shape) if torch.is_tensor(features) else type(features).__name__
             raise ValueError(f"features must be a float tensor [B, {width}]; got {shape}")
+        return self._sampled_predictive(
+            lambda f, t, sampled: self.sample_head_logits(f, f.shape[0], t, stochastic=sampled),
+            features, num_samples, labels, seed, generator, stochastic)
+
+    def _sampled_predictive(self, sample_logits, inputs: torch.Tensor, num_samples: int | None,
+                            labels: torch.Tensor | None, seed: int | None, generator: torch.Generator | None,
+                            stochastic: bool) -> BayesFakeOutput:
+        """``sample_logits(inputs, T, sampled)`` on the model's device under the seeded sampling RNG; one draw (then
+        repeated T times) when nothing is sampled."""
         t = self._num_samples(num_samples)
         param = next(self.parameters())
-        features = features.to(device=param.device, dtype=param.dtype)
+        inputs = inputs.to(device=param.device, dtype=param.dtype)
         sampled = stochastic and self.config.stochastic
         with sampling_rng(seed, generator, param.device):
-            logits = self.sample_head_logits(features, features.shape[0], t if sampled else 1, stochastic=sampled)
+            logits = sample_logits(inputs, t if sampled else 1, sampled)
         return self._predictive(logits, t, labels)
 
     def _predictive(self, logits: torch.Tensor, t: int, labels: torch.Tensor | None) -> BayesFakeOutput:
@@ -462,7 +467,9 @@ class BayesFakeDetector(BayesFakePreTrainedModel):
             ``saliency`` [B, H, W]: |d P(FAKE) / d pixel|, the largest over the colour channels (input-gradient map);
             ``feature_gradient`` [B, D]: d P(FAKE) / d feature, for each backbone feature;
             ``feature_importance`` [B, D]: |feature * gradient|, how much each feature moves P(FAKE) (gradient x input);
-            ``p_fake`` [B]: the P(FAKE) that was differentiated.
+            ``p_fake`` [B]: the P(FAKE) that was differentiated;
+            ``output``: the whole ``BayesFakeOutput`` of those samples, equal to ``model(pixel_values, num_samples,
+            seed=seed)``, so a caller that wants the verdict and its reasons runs the detector once.
         The T samples share one seeded draw (``seed``), so the map is repeatable; the backbone still runs once.
         """
         t = self._num_samples(num_samples)
@@ -472,7 +479,8 @@ class BayesFakeDetector(BayesFakePreTrainedModel):
         with torch.enable_grad(), sampling_rng(seed, None, param.device):
             features = self.sample_features(x, t if sampled else 1, stochastic=sampled)
             logits = self.sample_head_logits(features, x.shape[0], t if sampled else 1, stochastic=sampled)
-            p_fake = self._predictive(logits, t, None).probs[:, 1]
+            output = self._predictive(logits, t, None)
+            p_fake = output.probs[:, 1]
             # Images are independent, so one gradient of the sum gives every image's own; autograd.grad (not
             # backward) leaves the parameters' .grad alone, so explaining never disturbs a training loop.
             pixel_grad, feature_grad = torch.autograd.grad(p_fake.sum(), [x, features])
@@ -484,6 +492,7 @@ class BayesFakeDetector(BayesFakePreTrainedModel):
             "feature_gradient": feature_gradient.sum(1),  # all-layer VI: summed over the per-sample features
             "feature_importance": attribution.sum(1),
             "p_fake": p_fake.detach(),
+            "output": BayesFakeOutput(**{k: v.detach() for k, v in output.items()}),
         }
 
     def verdicts(self, output: BayesFakeOutput) -> list[str]:
