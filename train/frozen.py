@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import log_loss
 
 from hub_models import BayesFakeConfig, BayesFakeDetector
 from train.data import load_splits
@@ -109,8 +110,8 @@ def train_head(model: BayesFakeDetector, cfg: FrozenHeadConfig, train: tuple, va
 
 def validate(model: BayesFakeDetector, val: tuple, num_samples: int) -> dict:
     preds = predict(model, val[0], val[1], num_samples, progress=False)
-    p = np.clip(preds.p_fake, 1e-7, 1 - 1e-7)
-    nll = -np.mean(np.where(preds.labels == 1, np.log(p), np.log(1 - p)))
+    # Clipped at 1e-7 as the committed search tables were scored (sklearn no longer clips; this keeps them comparable).
+    nll = log_loss(preds.labels, np.clip(preds.p_fake, 1e-7, 1 - 1e-7), labels=[0, 1])
     return {"val/acc": float(((preds.p_fake >= 0.5) == preds.labels).mean()), "val/nll": float(nll)}
 
 
