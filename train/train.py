@@ -92,7 +92,8 @@ class TrainConfig(YamlConfig):
 
     def __post_init__(self):
         if self.lr_cycles and (sum(self.lr_cycles) != self.epochs or min(self.lr_cycles) < 1):
-            raise ValueError(f"lr_cycles {self.lr_cycles} must be positive epoch counts summing to epochs={self.epochs}")
+            raise ValueError(f"lr_cycles {self.lr_cycles} must be positive epoch counts summing to "
+                             f"epochs={self.epochs}")
 
 
 def augment_batch(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
