@@ -216,6 +216,17 @@ def test_page_runs_each_detector_once_for_verdict_and_explanation(client, detect
         assert explained["detectors"][name]["p_fake"] == pytest.approx(mine["probs"]["FAKE"], abs=1e-6)
 
 
+def test_plain_http_api_gives_the_gradio_client_answer(client, server):
+    """The README's HTTP path (upload, /call/predict, the result event), as the benchmark drives it."""
+    import httpx
+
+    sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
+    from bench_space import http_predict
+
+    with httpx.Client(base_url=server, timeout=60) as http:
+        assert http_predict(http, FAKE_EXAMPLE, 8) == predict(client, FAKE_EXAMPLE, num_samples=8)
+
+
 def test_models_reports_loaded_configs_and_the_load_failure(client, detector_dirs):
     models = client.predict(api_name="/models")
     assert [m["name"] for m in models["loaded"]] == detector_dirs
