@@ -307,9 +307,11 @@ class DetectorPool:
         """What ``/predict`` and ``/explain`` answer for one decoded image, running each detector once (the page)."""
         detectors = self.select(names)
         num_samples = checked_num_samples(num_samples)
-        both = {d.name: d.predict_and_explain(image, num_samples) for d in detectors}
-        return ({"image": image.describe(), "detectors": {name: pair[0] for name, pair in both.items()}},
-                {"image": image.describe(), "detectors": {name: pair[1] for name, pair in both.items()}})
+        answers, explanations = {}, {}
+        for d in detectors:
+            answers[d.name], explanations[d.name] = d.predict_and_explain(image, num_samples)
+        described = image.describe()
+        return {"image": described, "detectors": answers}, {"image": described, "detectors": explanations}
 
     def analyse_files(self, paths: list[str], num_samples, names: list[str] | None = None) -> list[dict]:
         """One answer per file; a file that cannot be read gives ``{"file", "error"}`` and the others still run."""

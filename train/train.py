@@ -118,13 +118,12 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 
 def lr_at(step: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
     """Per cycle: linear warm-up then cosine decay to zero (one cycle over all epochs unless `lr_cycles` says more)."""
-    start = 0
-    for k, cycle_epochs in enumerate(cfg.lr_cycles or [cfg.epochs]):
-        total = cycle_epochs * steps_per_epoch
-        if step < start + total or k == len(cfg.lr_cycles or [cfg.epochs]) - 1:
-            break
-        start += total
-    peak, step = cfg.lr * cfg.lr_cycle_decay**k, step - start
+    cycles = cfg.lr_cycles or [cfg.epochs]
+    k = 0  # the cycle this step falls in; steps past the end stay in the last one
+    while k < len(cycles) - 1 and step >= cycles[k] * steps_per_epoch:
+        step -= cycles[k] * steps_per_epoch
+        k += 1
+    peak, total = cfg.lr * cfg.lr_cycle_decay**k, cycles[k] * steps_per_epoch
     warm = max(1, int(total * cfg.warmup_fraction))
     if step < warm:
         return peak * (step + 1) / warm
@@ -141,9 +140,7 @@ SCHEDULE_KEYS = {"epochs", "lr_cycles", "lr_cycle_decay"}
 
 def check_resumable(saved: dict, cfg: TrainConfig, steps_done: int, steps_per_epoch: int) -> None:
     """Raise unless a checkpoint written under the config ``saved`` can continue under ``cfg``."""
-    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                for f in dataclasses.fields(cfg)
-                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+    defaults = dataclasses.asdict(type(cfg)(name=cfg.name))
     saved = {**defaults, **saved}  # keys added to TrainConfig after the checkpoint count as their defaults
     current = dataclasses.asdict(cfg)
     differing = {k for k in current if saved.get(k) != current[k]} - RUNTIME_KEYS
