@@ -1,17 +1,26 @@
 """Latency of the Space's /predict through gradio_client, beside the raw model compute, and the cold start.
 
-    python benchmarks/bench_space.py [--models ID_OR_PATH,...] [--stand-ins] [--requests 50] [--write]
+    python benchmarks/bench_space.py [--models ID_OR_PATH,...] [--stand-ins] [--image A.jpg B.png] [--requests 50] [--write]
 
 * cold start: from launching ``python space/app.py`` to its first /predict answer (imports, model loading, server
   start, first request);
 * /predict: p50/p95 wall time of ``Client.predict(handle_file(image), T, api_name="/predict")`` with every loaded
   detector (upload + queue + decoding + all forwards + JSON);
+* /predict through gradio_client built with ``ssl_verify=httpx.create_ssl_context()`` (the README's client): the
+  same verifying TLS context httpx builds by default, built once. gradio_client opens a new httpx client for every
+  request (the upload, the queue join, the result stream), and by default each one loads the CA bundle again (about
+  20 ms apiece on this machine); given a ready context, every one reuses it;
 * /predict over gradio's plain HTTP API (``POST /gradio_api/upload``, ``POST /gradio_api/call/predict``, then the
   result's server-sent events, with one keep-alive httpx client): the same server work without gradio_client, whose
-  message loop sleeps 50 ms whenever it finds no message waiting;
-* raw compute: p50/p95 of what the endpoint computes, called directly in a worker thread as the server does: for each
-  detector, processor(image) and the model forward with the same T and seed.
-Client and raw calls alternate in one loop, so both see the same background load. Target: client p50 <= 1.3x raw p50.
+  message loop also sleeps 50 ms whenever it finds no message waiting;
+* raw compute: p50/p95 of what the endpoint computes, called directly on one dedicated thread with the Space's torch
+  thread count, as the server does (see space/app.py INFERENCE_THREAD): the image decoded once, then for each detector
+  processor(image) and the model forward with the same T and seed.
+All paths alternate in one loop, so they see the same background load. Target: gradio_client p50 <= 1.3x raw p50.
+
+gradio_client's answer comes in 50 ms steps counted from its queue join, so the ratio for one image depends on where
+the compute ends between two steps. The default images are a 32 px CIFAKE image and the two larger bundled photos,
+whose decoding makes the compute end at different points; every (image, T) is its own row.
 
 ``--stand-ins`` serves untrained detectors with the release architectures (from train/configs/*.yaml) instead of the
 released weights: the compute is the same, the answers are meaningless. Use it while the released detectors do not
@@ -48,12 +57,16 @@ from gradio_client import Client, handle_file  # noqa: E402
 from hub_models import BayesFakeConfig, BayesFakeDetector  # noqa: E402
 from hub_models.export import export_detector  # noqa: E402
 from hub_models.hub import DEFAULT_REPO_IDS, load_detector  # noqa: E402
+from hub_models.image_processing_bayesfake import load_image, to_rgb  # noqa: E402
+from space.app import DEFAULT_TORCH_THREADS, TORCH_THREADS_ENV  # noqa: E402
 
-DEFAULT_IMAGE = REPO_ROOT / "space" / "examples" / "cifake_fake_1.jpg"
+EXAMPLES = REPO_ROOT / "space" / "examples"
+DEFAULT_IMAGES = [EXAMPLES / "cifake_fake_1.jpg", EXAMPLES / "synthetic_landscape_640x480.jpg",
+                  EXAMPLES / "synthetic_still_life_1024x768_rgba.png"]
 RESULTS = REPO_ROOT / "benchmarks" / "results_space.md"
 SEED = 0  # the Space's per-request seed (space/app.py SEED)
 TARGET_RATIO = 1.3
-compute_thread = ThreadPoolExecutor(max_workers=1)
+compute_thread = ThreadPoolExecutor(max_workers=1)  # the only thread of this process that calls torch
 
 
 def export_stand_ins(folder: Path) -> list[str]:
@@ -77,10 +90,11 @@ def percentile(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
-def start_space(model_ids: list[str], image: Path, num_samples: int, log_path: Path):
+def start_space(model_ids: list[str], image: Path, num_samples: int, torch_threads: int, log_path: Path):
     """Launch ``python space/app.py`` and wait for its first /predict answer; returns (process, client, seconds)."""
     port = free_port()
-    env = dict(os.environ, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port))
+    env = dict(os.environ, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port),
+               **{TORCH_THREADS_ENV: str(torch_threads)})
     start = time.perf_counter()
     with open(log_path, "w") as log:
         process = subprocess.Popen([sys.executable, "space/app.py", "--models", ",".join(model_ids)], cwd=REPO_ROOT,
@@ -101,9 +115,10 @@ def start_space(model_ids: list[str], image: Path, num_samples: int, log_path: P
 
 
 def raw_compute(detectors, image: Path, num_samples: int) -> None:
-    """What /predict computes, without the server: processor and forward of every detector."""
+    """What /predict computes, without the server: the image decoded once, processor and forward of every detector."""
+    rgb = to_rgb(load_image(str(image)))
     for model, processor in detectors:
-        pixel_values = processor(str(image), return_tensors="pt")["pixel_values"]
+        pixel_values = processor(rgb, return_tensors="pt")["pixel_values"]
         with torch.inference_mode():
             model(pixel_values, num_samples=num_samples, seed=SEED)
 
@@ -138,45 +153,54 @@ def p50_p95(samples_ms: list[float]) -> tuple[float, float]:
     return percentile(samples_ms, 50), percentile(samples_ms, 95)
 
 
-def measure(client, http, detectors, image: Path, num_samples: int, requests: int, warmup: int) -> dict:
-    """p50/p95 (ms) of /predict through gradio_client and over HTTP, and of the raw compute."""
+PATHS = {  # name in the table -> key of the request path; "raw" is the reference every ratio divides by
+    "gradio_client, TLS context reused": "tuned_client",
+    "gradio_client, default `Client(url)`": "client",
+    "plain HTTP (httpx)": "http",
+    "raw compute": "raw",
+}
 
-    def request():
-        client.predict(handle_file(str(image)), num_samples, api_name="/predict")
 
-    def http_request():
-        http_predict(http, image, num_samples)
+def measure(clients: dict, http, detectors, image: Path, num_samples: int, requests: int, warmup: int) -> dict:
+    """p50/p95 (ms) of /predict along every path of PATHS, the raw compute included."""
+
+    def through(client):
+        return lambda: client.predict(handle_file(str(image)), num_samples, api_name="/predict")
 
     def compute():
-        # In a worker thread, as the server runs it (gradio's thread pool). On an oversubscribed machine the main
-        # thread's OpenMP team can be several times slower for the same forward, which would flatter the Space.
         compute_thread.submit(raw_compute, detectors, image, num_samples).result()
 
+    calls = {key: through(client) for key, client in clients.items()}
+    calls["http"] = lambda: http_predict(http, image, num_samples)
+    calls["raw"] = compute
     for _ in range(warmup):
-        request()
-        http_request()
-        compute()
-    client_ms, http_ms, raw_ms = [], [], []
-    for _ in range(requests):  # interleaved, so all three see the same background load
-        client_ms.append(timed(request))
-        http_ms.append(timed(http_request))
-        raw_ms.append(timed(compute))
-    return {"client": p50_p95(client_ms), "http": p50_p95(http_ms), "raw": p50_p95(raw_ms)}
+        for call in calls.values():
+            call()
+    samples = {key: [] for key in calls}
+    for _ in range(requests):  # interleaved, so every path sees the same background load
+        for key, call in calls.items():
+            samples[key].append(timed(call))
+    return {key: p50_p95(ms) for key, ms in samples.items()}
 
 
-def results_table(by_t: dict[int, dict], floor: tuple[float, float], cold_start_s: float) -> str:
-    rows = ["| T | /predict via gradio_client p50 / p95 | /predict over HTTP p50 / p95 | raw compute p50 / p95 | "
-            f"client / raw p50 (target <= {TARGET_RATIO}x) | HTTP / raw p50 |", "|---|---|---|---|---|---|"]
-    for t, stats in by_t.items():
-        (c50, c95), (h50, h95), (r50, r95) = stats["client"], stats["http"], stats["raw"]
-        verdict = "met" if c50 / r50 <= TARGET_RATIO else "not met"
-        rows.append(f"| {t} | {c50:.1f} / {c95:.1f} ms | {h50:.1f} / {h95:.1f} ms | {r50:.1f} / {r95:.1f} ms | "
-                    f"{c50 / r50:.2f}x ({verdict}) | {h50 / r50:.2f}x |")
-    return "\n".join(rows + [
-        "",
-        f"- gradio_client floor (`/models`: no upload, no model compute): p50 {floor[0]:.1f} ms, p95 {floor[1]:.1f} ms",
-        f"- cold start (`python space/app.py` launched -> first /predict answer): {cold_start_s:.1f} s",
-    ])
+def results_table(rows_by_key: dict[tuple[str, int], dict], floors: dict[str, tuple[float, float]],
+                  cold_start_s: float) -> str:
+    """One row per (image, T): p50 / p95 of every path, and each gradio_client path's p50 over the raw p50."""
+    clients = [(name, key) for name, key in PATHS.items() if key in ("tuned_client", "client")]
+    header = ["image", "T", *(f"{name} p50 / p95" for name in PATHS),
+              *(f"{name} / raw (target <= {TARGET_RATIO}x)" for name, _ in clients)]
+    rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for (image, t), stats in rows_by_key.items():
+        raw50 = stats["raw"][0]
+        cells = [f"`{image}`", str(t), *(f"{stats[key][0]:.1f} / {stats[key][1]:.1f} ms" for key in PATHS.values())]
+        for _, key in clients:
+            ratio = stats[key][0] / raw50
+            cells.append(f"{ratio:.2f}x ({'met' if ratio <= TARGET_RATIO else 'not met'})")
+        rows.append("| " + " | ".join(cells) + " |")
+    floor_lines = [f"- `/models` (no upload, no model compute) through {name}: p50 {p50:.1f} ms, p95 {p95:.1f} ms"
+                   for name, (p50, p95) in floors.items()]
+    return "\n".join(rows + ["", *floor_lines,
+                             f"- cold start (`python space/app.py` launched -> first /predict answer): {cold_start_s:.1f} s"])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -184,8 +208,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--models", help=f"comma-separated ids/folders (default: {','.join(DEFAULT_REPO_IDS)})")
     parser.add_argument("--stand-ins", action="store_true",
                         help="serve untrained detectors with the release architectures (train/configs)")
-    parser.add_argument("--image", type=Path, default=DEFAULT_IMAGE)
+    parser.add_argument("--image", type=Path, nargs="+", default=DEFAULT_IMAGES, help="images to send (one row each)")
     parser.add_argument("--num-samples", type=int, nargs="+", default=[30], help="T values to measure")
+    parser.add_argument("--torch-threads", type=int, default=DEFAULT_TORCH_THREADS,
+                        help="torch's intra-op threads, in the Space and for the raw compute (default: the Space's)")
     parser.add_argument("--requests", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--write", action="store_true", help=f"write the results to {RESULTS.relative_to(REPO_ROOT)}")
@@ -193,42 +219,54 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     workdir = Path(tempfile.mkdtemp(prefix="bench_space_"))
+    torch.set_num_threads(args.torch_threads)  # as the Space sets it, before any torch work
     if args.stand_ins:
-        model_ids = export_stand_ins(workdir)
+        model_ids = compute_thread.submit(export_stand_ins, workdir).result()
     else:
         model_ids = [m.strip() for m in (args.models or ",".join(DEFAULT_REPO_IDS)).split(",") if m.strip()]
-    detectors = [load_detector(model_id) for model_id in model_ids]  # fails loudly: a benchmark needs every model
+    # Loaded on the thread that runs the raw compute, and no torch call elsewhere in this process: one OpenMP team, as
+    # in the Space (space/app.py INFERENCE_THREAD). Fails loudly: a benchmark needs every model.
+    detectors = compute_thread.submit(lambda: [load_detector(model_id) for model_id in model_ids]).result()
 
-    process, client, cold_start_s = start_space(model_ids, args.image, args.num_samples[0], workdir / "space.log")
+    process, client, cold_start_s = start_space(model_ids, args.image[0], args.num_samples[0], args.torch_threads,
+                                                workdir / "space.log")
     try:
         loaded = [m["name"] for m in client.predict(api_name="/models")["loaded"]]
         assert loaded == model_ids, f"the Space loaded {loaded}, expected {model_ids}"
-        floor = p50_p95([timed(lambda: client.predict(api_name="/models")) for _ in range(args.requests)])
+        clients = {"tuned_client": Client(client.src, verbose=False, ssl_verify=httpx.create_ssl_context()),
+                   "client": client}
+        floors = {name: p50_p95([timed(lambda c=clients[key]: c.predict(api_name="/models"))
+                                 for _ in range(args.requests)])
+                  for name, key in PATHS.items() if key in clients}
         with httpx.Client(base_url=client.src, timeout=120) as http:
-            t = args.num_samples[0]  # both paths must do the same work: the same answer, to the digit
-            by_client = client.predict(handle_file(str(args.image)), t, api_name="/predict")
-            assert by_client == http_predict(http, args.image, t), "the two paths answered /predict differently"
-            by_t = {t: measure(client, http, detectors, args.image, t, args.requests, args.warmup)
-                    for t in args.num_samples}
+            rows_by_key = {}
+            for image in args.image:
+                t = args.num_samples[0]  # every path must do the same work: the same answer, to the digit
+                answers = [c.predict(handle_file(str(image)), t, api_name="/predict") for c in clients.values()]
+                answers.append(http_predict(http, image, t))
+                assert all(a == answers[0] for a in answers), f"the paths answered /predict on {image} differently"
+                for t in args.num_samples:
+                    rows_by_key[image.name, t] = measure(clients, http, detectors, image, t, args.requests, args.warmup)
     finally:
         process.terminate()
         process.wait(timeout=30)
 
     names = ", ".join(f"`{Path(m).name if os.path.isdir(m) else m}`" for m in model_ids)
-    image = args.image.relative_to(REPO_ROOT) if args.image.is_relative_to(REPO_ROOT) else args.image
+    images = [str(i.relative_to(REPO_ROOT) if i.is_relative_to(REPO_ROOT) else i) for i in args.image]
     setup = (f"{len(model_ids)} detector(s): {names}"
-             f"{' (untrained stand-ins with the release architectures)' if args.stand_ins else ''}; image `{image}`; "
-             f"{args.requests} requests per T after {args.warmup} warm-up; torch {torch.__version__}, "
-             f"{torch.get_num_threads()} threads; {platform.machine()}, {os.cpu_count()} CPU cores; "
+             f"{' (untrained stand-ins with the release architectures)' if args.stand_ins else ''}; images {', '.join(f'`{i}`' for i in images)}; "
+             f"{args.requests} requests per image and T after {args.warmup} warm-up; torch {torch.__version__}, "
+             f"{args.torch_threads} torch thread(s) in the Space and the raw compute; {platform.machine()}, {os.cpu_count()} CPU cores; "
              f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
-    table = results_table(by_t, floor, cold_start_s)
+    table = results_table(rows_by_key, floors, cold_start_s)
     print(setup)
     print(table)
     if args.write:
         notes = "".join(f"\n- {note}" for note in args.note)
         options = [f"--models {args.models}"] if args.models else []
         options += ["--stand-ins"] if args.stand_ins else []
-        options += [f"--image {image}", f"--num-samples {' '.join(map(str, args.num_samples))}",
+        options += [f"--torch-threads {args.torch_threads}"] if args.torch_threads != DEFAULT_TORCH_THREADS else []
+        options += [f"--image {' '.join(images)}", f"--num-samples {' '.join(map(str, args.num_samples))}",
                     f"--requests {args.requests}", f"--warmup {args.warmup}"]
         command = " ".join(["python benchmarks/bench_space.py", *options])
         RESULTS.write_text(f"# Space latency (`benchmarks/bench_space.py`)\n\n`{command}`\n\n{setup}\n\n{table}\n"

@@ -1,6 +1,7 @@
 """BayesFake Space: is this image AI-generated, and how sure are the detectors?
 
     python space/app.py [--models ID_OR_PATH,...]     # or BAYESFAKE_MODELS=...; default: the released detectors
+                        [--torch-threads N]           # or BAYESFAKE_TORCH_THREADS=N; default 1
 
 Every detector is loaded once at start through ``hub_models.hub.load_detector`` (``AutoModel.from_pretrained`` with
 ``trust_remote_code=True``); one that fails to load is reported on the page and in ``/models`` while the others work.
@@ -11,7 +12,7 @@ API (``gradio_client``; image files go through ``handle_file``):
     /predict_batch  (images, num_samples=30, detectors=None) -> [one /predict answer, or {"file", "error"}, ...]
     /explain        (image, num_samples=30, detectors=None) -> {"image": {...}, "detectors": {name: saliency map and
                     top features}}
-    /models         () -> {"loaded": [{name, config}], "failed": [{name, error}]}
+    /models         () -> {"loaded": [{name, config}], "failed": [{name, error}], "torch_threads": N}
 Answers are repeatable: every request samples with the same seed.
 """
 
@@ -23,8 +24,8 @@ import math
 import os
 import sys
 import tempfile
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -53,6 +54,12 @@ from hub_models.image_processing_bayesfake import DEFAULT_MAX_PIXELS, load_image
 log = logging.getLogger("bayesfake.space")
 
 MODELS_ENV = "BAYESFAKE_MODELS"
+# torch's intra-op threads when the Space runs as a program (--torch-threads, else this variable, else 1). One thread
+# by default: the detectors are small (one image, 32-128 px), and a team of two or more spin-waits between parallel
+# regions, so it stalls as soon as anything else wants the cores: the page's own decoding and charts, or another
+# process (benchmarks/results_inference_thread.md measures each choice, idle and busy).
+TORCH_THREADS_ENV = "BAYESFAKE_TORCH_THREADS"
+DEFAULT_TORCH_THREADS = 1
 DEFAULT_NUM_SAMPLES = 30
 MAX_NUM_SAMPLES = 200
 # One fixed seed for every request: the same image and T always give the same answer.
@@ -64,17 +71,26 @@ TOP_FEATURES = 10  # features listed per detector in an explanation
 MAX_FILE_SIZE = "25mb"
 BATCH_CSV_DIR = Path(tempfile.gettempdir()) / "bayesfake-batch"
 BATCH_CSV_MAX_AGE_S = 3600
-# The queue runs this many requests at once (decoding and plotting overlap; model forwards are serialized, see
-# INFERENCE_LOCK) and holds up to QUEUE_MAX_SIZE more before refusing new ones.
+# The queue runs this many requests at once (decoding and plotting overlap; model forwards take turns on
+# INFERENCE_THREAD) and holds up to QUEUE_MAX_SIZE more before refusing new ones.
 QUEUE_CONCURRENCY = 4
 QUEUE_MAX_SIZE = 256
 # Out-of-domain rules: the shorter side more than this factor away from the training size, or a crop that drops more
 # than a third of the image.
 SCALE_TOLERANCE = 2.0
 ASPECT_TOLERANCE = 1.5
-# A forward seeds torch's global RNG (fork_rng), which is process-wide: two concurrent forwards would mix their draws
-# and lose repeatability, so forwards take turns.
-INFERENCE_LOCK = threading.Lock()
+# Every torch call (loading, preprocessing, forwards) runs on this one thread, for two reasons:
+# - a forward seeds torch's global RNG (fork_rng), which is process-wide: two concurrent forwards would mix their draws
+#   and lose repeatability, so forwards take turns;
+# - speed: each OS thread that enters torch gets its own OpenMP team of torch's thread count. Run from gradio's pool of
+#   request threads, the teams outnumber the cores and every parallel region waits on sleeping threads
+#   (benchmarks/results_inference_thread.md).
+INFERENCE_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bayesfake-inference")
+
+
+def on_inference_thread(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` on the inference thread; its result, or its exception."""
+    return INFERENCE_THREAD.submit(fn, *args, **kwargs).result()
 
 MODE_NAMES = {  # PIL mode -> plain words, for the "not 8-bit RGB" warning
     "1": "1-bit black and white",
@@ -201,10 +217,17 @@ class Detector:
 
     def predict(self, image: InputImage, num_samples: int) -> dict:
         """Monte Carlo predictive for one image, as plain JSON numbers."""
+        return self.answer(image, on_inference_thread(self._forward, image, num_samples), num_samples)
+
+    def _forward(self, image: InputImage, num_samples: int):
         pixel_values = self.processor(image.rgb, return_tensors="pt")["pixel_values"]
-        with INFERENCE_LOCK, torch.inference_mode():
-            out = self.model(pixel_values, num_samples=num_samples, seed=SEED)
-        return self.answer(image, out, num_samples)
+        with torch.inference_mode():
+            return self.model(pixel_values, num_samples=num_samples, seed=SEED)
+
+    def _explain(self, image: InputImage, num_samples: int) -> tuple:
+        pixel_values = self.processor(image.rgb, return_tensors="pt")["pixel_values"]
+        out = self.model.explain(pixel_values, num_samples=num_samples, seed=SEED)
+        return out["output"], self.explanation(out, num_samples)
 
     def answer(self, image: InputImage, out, num_samples: int) -> dict:
         """The ``/predict`` answer for one image from the detector's ``BayesFakeOutput``."""
@@ -229,10 +252,8 @@ class Detector:
     def predict_and_explain(self, image: InputImage, num_samples: int) -> tuple[dict, dict]:
         """The ``/predict`` and ``/explain`` answers from one run of the detector (``model.explain`` returns the
         predictive it differentiated, the same as ``model(...)`` with the same seed)."""
-        pixel_values = self.processor(image.rgb, return_tensors="pt")["pixel_values"]
-        with INFERENCE_LOCK:
-            out = self.model.explain(pixel_values, num_samples=num_samples, seed=SEED)
-        return self.answer(image, out["output"], num_samples), self.explanation(out, num_samples)
+        out, explained = on_inference_thread(self._explain, image, num_samples)
+        return self.answer(image, out, num_samples), explained
 
     def explanation(self, out: dict, num_samples: int) -> dict:
         """Why, from ``model.explain``: the input-gradient saliency map (normalised to [0, 1], at the detector's input
@@ -267,7 +288,7 @@ class DetectorPool:
         pool = cls()
         for model_id in dict.fromkeys(model_ids):  # drop repeats, keep the order
             try:
-                model, processor = load_detector(model_id)
+                model, processor = on_inference_thread(load_detector, model_id)
             except Exception as err:  # any failure is reported on the page; the other detectors still serve
                 log.warning("detector %s failed to load: %s", model_id, err)
                 pool.failed[model_id] = f"{type(err).__name__}: {err}"
@@ -331,7 +352,8 @@ class DetectorPool:
 
     def describe(self) -> dict:
         return {"loaded": [d.describe() for d in self.detectors.values()],
-                "failed": [{"name": name, "error": error} for name, error in self.failed.items()]}
+                "failed": [{"name": name, "error": error} for name, error in self.failed.items()],
+                "torch_threads": torch.get_num_threads()}
 
 
 def checked_num_samples(num_samples) -> int:
@@ -571,9 +593,11 @@ proof."""
 API_HELP = """Call the Space from Python with `gradio_client` (`pip install gradio_client`):
 
 ```python
+import httpx
 from gradio_client import Client, handle_file
 
-client = Client("http://127.0.0.1:7860")           # or the Space id
+# ssl_verify: one verifying TLS context for all of the client's requests (about 40 ms less per call than the default)
+client = Client("http://127.0.0.1:7860", ssl_verify=httpx.create_ssl_context())   # or the Space id
 answer = client.predict(handle_file("photo.jpg"), 30, api_name="/predict")
 for name, r in answer["detectors"].items():
     print(name, r["verdict"], r["probs"]["FAKE"], r["std"]["FAKE"], r["mutual_information"], r["warnings"])
@@ -711,12 +735,26 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", help=f"comma-separated repo ids or folders (default: ${MODELS_ENV}, else "
                                          f"{','.join(DEFAULT_REPO_IDS)})")
+    parser.add_argument("--torch-threads", type=positive_int,
+                        default=os.environ.get(TORCH_THREADS_ENV, str(DEFAULT_TORCH_THREADS)),  # argparse types it
+                        help=f"torch's intra-op threads (default: ${TORCH_THREADS_ENV}, else {DEFAULT_TORCH_THREADS})")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    torch.set_num_threads(args.torch_threads)  # process-wide; before any model is loaded
     demo = build_demo(model_ids_from(args.models))
     # Server name and port come from GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (gradio reads them itself).
     demo.launch(max_file_size=MAX_FILE_SIZE, allowed_paths=[str(EXAMPLES_DIR)])

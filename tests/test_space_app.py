@@ -216,6 +216,30 @@ def test_page_runs_each_detector_once_for_verdict_and_explanation(client, detect
         assert explained["detectors"][name]["p_fake"] == pytest.approx(mine["probs"]["FAKE"], abs=1e-6)
 
 
+def test_every_torch_call_of_the_pool_runs_on_the_one_inference_thread(detector_dirs, monkeypatch):
+    """Loading, /predict and the page's explain all run on INFERENCE_THREAD, whatever thread the request came on (one
+    OpenMP team per process; see space/app.py)."""
+    threads = []
+    real_load = app.load_detector
+    monkeypatch.setattr(app, "load_detector",
+                        lambda *a, **k: threads.append(threading.current_thread().name) or real_load(*a, **k))
+    pool = app.DetectorPool.load(detector_dirs)
+    for detector in pool.detectors.values():
+        for method in ("forward", "explain"):
+            real = getattr(detector.model, method)
+            monkeypatch.setattr(detector.model, method, lambda *a, _real=real, **k: threads.append(
+                threading.current_thread().name) or _real(*a, **k))
+    image = app.read_image(str(FAKE_EXAMPLE))
+    requests = [threading.Thread(target=pool.analyse, args=(image, 4)),
+                threading.Thread(target=pool.analyse_and_explain, args=(image, 4))]
+    for request in requests:
+        request.start()
+    for request in requests:
+        request.join()
+    assert len(threads) == 3 * len(detector_dirs)  # one load, one forward and one explain each
+    assert {name.rsplit("_", 1)[0] for name in threads} == {"bayesfake-inference"}
+
+
 def test_plain_http_api_gives_the_gradio_client_answer(client, server):
     """The README's HTTP path (upload, /call/predict, the result event), as the benchmark drives it."""
     import httpx
@@ -225,6 +249,17 @@ def test_plain_http_api_gives_the_gradio_client_answer(client, server):
 
     with httpx.Client(base_url=server, timeout=60) as http:
         assert http_predict(http, FAKE_EXAMPLE, 8) == predict(client, FAKE_EXAMPLE, num_samples=8)
+
+
+def test_client_with_a_reused_tls_context_gives_the_same_answers(client, server):
+    """The README's faster client: gradio_client hands ``ssl_verify`` to every httpx client it opens, so a ready
+    (verifying) context is built once instead of per request; the answers must not change."""
+    import httpx
+
+    fast = Client(server, verbose=False, ssl_verify=httpx.create_ssl_context())
+    assert predict(fast, FAKE_EXAMPLE) == predict(client, FAKE_EXAMPLE)
+    assert predict(fast, REAL_EXAMPLE, num_samples=3) == predict(client, REAL_EXAMPLE, num_samples=3)
+    assert fast.predict(api_name="/models") == client.predict(api_name="/models")
 
 
 def test_models_reports_loaded_configs_and_the_load_failure(client, detector_dirs):
@@ -376,6 +411,33 @@ def test_model_ids_come_from_the_flag_then_the_env_then_the_defaults(monkeypatch
     assert app.model_ids_from(None) == list(app.DEFAULT_REPO_IDS)
 
 
+@pytest.mark.parametrize("value", ["0", "-1", "two", ""])
+def test_a_bad_torch_thread_count_is_refused_before_anything_loads(value, capsys):
+    with pytest.raises(SystemExit):
+        app.main(["--torch-threads", value])
+    assert f"expected a whole number >= 1, got {value!r}" in capsys.readouterr().err
+
+
+def test_the_space_program_uses_one_torch_thread_unless_told(monkeypatch):
+    threads_at_launch = []
+
+    class Unlaunched:  # stands in for the built demo: records the thread count the server would start with
+        def launch(self, **kwargs):
+            threads_at_launch.append(torch.get_num_threads())
+
+    monkeypatch.setattr(app, "build_demo", lambda model_ids: Unlaunched())
+    monkeypatch.delenv(app.TORCH_THREADS_ENV, raising=False)
+    before = torch.get_num_threads()
+    try:
+        app.main(["--models", "x/y"])
+        monkeypatch.setenv(app.TORCH_THREADS_ENV, "3")
+        app.main(["--models", "x/y"])
+        app.main(["--models", "x/y", "--torch-threads", "2"])  # the flag wins over the variable
+    finally:
+        torch.set_num_threads(before)
+    assert threads_at_launch == [app.DEFAULT_TORCH_THREADS, 3, 2]
+
+
 def test_module_level_demo_is_built_once_on_the_default_models():
     """`from space.app import demo` (what gradio's reload mode and Spaces tooling look up) gives the default Space."""
     import gradio as gr
@@ -384,10 +446,11 @@ def test_module_level_demo_is_built_once_on_the_default_models():
 
 
 def test_python_space_app_py_serves_on_the_env_port(detector_dirs, tmp_path):
-    """`python space/app.py` from the repo root: --models, GRADIO_SERVER_NAME/PORT, answers /models."""
+    """`python space/app.py` from the repo root: --models, GRADIO_SERVER_NAME/PORT, BAYESFAKE_TORCH_THREADS, answers
+    /models."""
     port = free_port()
     env = dict(os.environ, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port), HF_HUB_OFFLINE="1",
-               GRADIO_ANALYTICS_ENABLED="False", BAYESFAKE_MODELS=BOGUS_ID)
+               GRADIO_ANALYTICS_ENABLED="False", BAYESFAKE_MODELS=BOGUS_ID, BAYESFAKE_TORCH_THREADS="2")
     log_path = tmp_path / "server.log"
     with open(log_path, "w") as log:
         process = subprocess.Popen([sys.executable, "space/app.py", "--models", detector_dirs[0]], cwd=REPO_ROOT,
@@ -404,6 +467,7 @@ def test_python_space_app_py_serves_on_the_env_port(detector_dirs, tmp_path):
                 time.sleep(0.5)
         # the flag wins over BAYESFAKE_MODELS
         assert [m["name"] for m in models["loaded"]] == detector_dirs[:1] and models["failed"] == []
+        assert models["torch_threads"] == 2
     finally:
         process.terminate()
         process.wait(timeout=30)
