@@ -182,14 +182,14 @@ def read_image(path: str, name: str | None = None) -> InputImage:
 
 def domain_warnings(image: InputImage, config) -> list[str]:
     """Plain-words reasons why ``image`` is far from the detector's training data (empty when it looks in-domain)."""
-    size = config.image_size
+    size = config.training_image_size
     warnings = []
     short_side = min(image.width, image.height)
     scale = short_side / size
     if not 1 / SCALE_TOLERANCE <= scale <= SCALE_TOLERANCE:
-        how = f"downscaled {scale:.0f}x" if scale > 1 else f"upscaled {1 / scale:.0f}x"
+        how = f"{scale:.0f}x larger" if scale > 1 else f"{1 / scale:.0f}x smaller"
         warnings.append(f"the image is {image.width}x{image.height} px but this detector was trained on {size}x{size} "
-                        f"images: it was {how}, far from the training data")
+                        f"images ({how}): far from the training data")
     aspect = max(image.width, image.height) / short_side
     if aspect > ASPECT_TOLERANCE:
         warnings.append(f"only the central square ({100 / aspect:.0f}% of the image) was analysed")

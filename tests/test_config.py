@@ -40,6 +40,8 @@ BAD_VALUES = [
     (dict(image_size=0), "image_size"),
     (dict(image_size=32.0), "image_size"),
     (dict(image_size=True), "image_size"),
+    (dict(source_image_size=0), "source_image_size"),
+    (dict(source_image_size=32.0), "source_image_size"),
     (dict(image_mean=[0.5, 0.5]), "image_mean"),
     (dict(image_std=[0.5, 0.5]), "image_std"),
     (dict(image_std=[0.5, 0.0, 0.5]), "image_std"),
@@ -59,9 +61,16 @@ def test_every_validated_field_is_covered():
     validated = {
         "backbone", "cnn_widths", "head", "head_hidden", "dropout", "variational_layer", "variational_scope",
         "prior_sigma", "num_samples", "threshold", "calibration_temperature", "reject_entropy", "image_size",
-        "image_mean", "image_std", "resample", "num_labels",
+        "source_image_size", "image_mean", "image_std", "resample", "num_labels",
     }
     assert validated == {field for _, field in BAD_VALUES}
+
+
+def test_training_image_size_is_the_source_size_else_the_input_size():
+    assert BayesFakeConfig(image_size=64).training_image_size == 64
+    config = BayesFakeConfig(image_size=128, source_image_size=32)
+    assert config.training_image_size == 32 and config.image_size == 128
+    assert BayesFakeConfig.from_dict(config.to_dict()).training_image_size == 32
 
 
 def test_defaults():

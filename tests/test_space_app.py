@@ -327,6 +327,20 @@ def test_out_of_domain_example_is_answered_with_warnings(client):
         assert "1024x768" in text and "32x32" in text and "RGBA" in text
 
 
+def test_size_warning_compares_with_the_training_images_not_the_backbone_input():
+    """A backbone fed CIFAKE upsampled to 128 px learned from 32 px images: those are in its domain, 128 px ones not."""
+    config = BayesFakeConfig(image_size=128, source_image_size=32, training_domain=TINY_DOMAIN)
+
+    def warnings_for(width, height):
+        return app.domain_warnings(app.InputImage("x.png", Image.new("RGB", (width, height)), "RGB", "PNG", 1), config)
+
+    assert warnings_for(32, 32) == [] and warnings_for(48, 48) == []
+    [warning] = warnings_for(128, 128)
+    assert "128x128 px" in warning and "trained on 32x32 images" in warning and "4x larger" in warning
+    assert "trained on 128x128" in " ".join(app.domain_warnings(
+        app.InputImage("x.png", Image.new("RGB", (32, 32)), "RGB", "PNG", 1), BayesFakeConfig(image_size=128)))
+
+
 def test_predict_batch_answers_each_image_and_reports_unreadable_ones(client, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not a png")

@@ -42,6 +42,9 @@ class BayesFakeConfig(PretrainedConfig):
         reject_entropy: predictive entropy (nats) above which the verdict is "uncertain"; None = never reject.
         image_size: square input side in pixels; image_mean / image_std: per-channel normalisation.
         resample: PIL filter used when an input must be resized to ``image_size``.
+        source_image_size: side of the training images as they were before preprocessing resized them to
+            ``image_size`` (CIFAKE: 32, also for a backbone fed 128 px); None = ``image_size``. It says how far an input
+            is from the training data (``training_image_size``; the Space's out-of-domain warning).
         training_domain: plain-words description of the training data, shown to users.
         metrics: measured evaluation metrics (namespaced, e.g. ``cls/acc``), written at export.
     """
@@ -69,6 +72,7 @@ class BayesFakeConfig(PretrainedConfig):
         image_mean: list[float] | tuple[float, ...] = (0.5, 0.5, 0.5),
         image_std: list[float] | tuple[float, ...] = (0.5, 0.5, 0.5),
         resample: str = "bicubic",
+        source_image_size: int | None = None,
         training_domain: str = "",
         metrics: dict | None = None,
         **kwargs,
@@ -94,6 +98,7 @@ class BayesFakeConfig(PretrainedConfig):
         self.image_mean = [float(m) for m in image_mean]
         self.image_std = [float(s) for s in image_std]
         self.resample = resample
+        self.source_image_size = source_image_size
         self.training_domain = training_domain
         self.metrics = dict(metrics or {})
         super().__init__(**kwargs)
@@ -137,6 +142,9 @@ class BayesFakeConfig(PretrainedConfig):
             fail("reject_entropy", "must be > 0 nats, or None")
         if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 1:
             fail("image_size", "must be a positive integer")
+        if self.source_image_size is not None and (isinstance(self.source_image_size, bool) or not isinstance(
+                self.source_image_size, int) or self.source_image_size < 1):
+            fail("source_image_size", "must be a positive integer, or None (= image_size)")
         if len(self.image_mean) != 3:
             fail("image_mean", "must hold 3 values (RGB)")
         if len(self.image_std) != 3 or min(self.image_std) <= 0:
@@ -145,6 +153,11 @@ class BayesFakeConfig(PretrainedConfig):
             fail("resample", f"must be one of {RESAMPLE_FILTERS}")
         if self.num_labels != 2:
             fail("num_labels", "a BayesFake detector has exactly two labels, REAL (0) and FAKE (1)")
+
+    @property
+    def training_image_size(self) -> int:
+        """Side of the images the detector learned from, before they were resized to ``image_size``."""
+        return self.image_size if self.source_image_size is None else self.source_image_size
 
     @property
     def stochastic(self) -> bool:
