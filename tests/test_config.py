@@ -46,6 +46,7 @@ BAD_VALUES = [
     (dict(image_std=[0.5, 0.5]), "image_std"),
     (dict(image_std=[0.5, 0.0, 0.5]), "image_std"),
     (dict(resample="box"), "resample"),
+    (dict(training_domain={"CIFAKE": "32x32 photos"}), "training_domain"),  # what YAML makes of an unquoted "a: b"
     (dict(num_labels=3), "num_labels"),
     (dict(id2label={0: "REAL", 1: "FAKE", 2: "OTHER"}), "num_labels"),
 ]
@@ -61,7 +62,7 @@ def test_every_validated_field_is_covered():
     validated = {
         "backbone", "cnn_widths", "head", "head_hidden", "dropout", "variational_layer", "variational_scope",
         "prior_sigma", "num_samples", "threshold", "calibration_temperature", "reject_entropy", "image_size",
-        "source_image_size", "image_mean", "image_std", "resample", "num_labels",
+        "source_image_size", "image_mean", "image_std", "resample", "training_domain", "num_labels",
     }
     assert validated == {field for _, field in BAD_VALUES}
 

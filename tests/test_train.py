@@ -90,6 +90,10 @@ def test_bad_config_fails_clearly(tmp_path, image_folder):
         TrainConfig.from_file(write_config(tmp_path, image_folder, learning_rate=1))
     with pytest.raises(ValueError, match="dropout"):
         TrainConfig.from_file(write_config(tmp_path, image_folder), ["model.dropout=1.5"])
+    with pytest.raises(ValueError, match="training_domain.*quote"):  # YAML reads an unquoted "a: b" as a mapping
+        TrainConfig.from_file(write_config(tmp_path, image_folder), ["model.training_domain=CIFAKE: 32 px"])
+    quoted = TrainConfig.from_file(write_config(tmp_path, image_folder), ["model.training_domain='CIFAKE: 32 px'"])
+    assert quoted.model["training_domain"] == "CIFAKE: 32 px"
 
 
 def test_interrupted_training_resumes_bit_exact(tmp_path, image_folder, monkeypatch):

@@ -151,6 +151,8 @@ class BayesFakeConfig(PretrainedConfig):
             fail("image_std", "must hold 3 positive values (RGB)")
         if self.resample not in RESAMPLE_FILTERS:
             fail("resample", f"must be one of {RESAMPLE_FILTERS}")
+        if not isinstance(self.training_domain, str):
+            fail("training_domain", "must be plain text (on a command line, quote a value that holds ': ')")
         if self.num_labels != 2:
             fail("num_labels", "a BayesFake detector has exactly two labels, REAL (0) and FAKE (1)")
 
