@@ -1,6 +1,7 @@
 """Latency of the Space's /predict through gradio_client, beside the raw model compute, and the cold start.
 
-    python benchmarks/bench_space.py [--models ID_OR_PATH,...] [--stand-ins] [--image A.jpg B.png] [--requests 50] [--write]
+    python benchmarks/bench_space.py [--models ID_OR_PATH,...] [--stand-ins] [--image A.jpg B.png] [--num-samples 30 100]
+                                     [--torch-threads N] [--requests 50] [--write]
 
 * cold start: from launching ``python space/app.py`` to its first /predict answer (imports, model loading, server
   start, first request);
@@ -199,8 +200,8 @@ def results_table(rows_by_key: dict[tuple[str, int], dict], floors: dict[str, tu
         rows.append("| " + " | ".join(cells) + " |")
     floor_lines = [f"- `/models` (no upload, no model compute) through {name}: p50 {p50:.1f} ms, p95 {p95:.1f} ms"
                    for name, (p50, p95) in floors.items()]
-    return "\n".join(rows + ["", *floor_lines,
-                             f"- cold start (`python space/app.py` launched -> first /predict answer): {cold_start_s:.1f} s"])
+    cold_start = f"- cold start (`python space/app.py` launched -> first /predict answer): {cold_start_s:.1f} s"
+    return "\n".join(rows + ["", *floor_lines, cold_start])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -253,11 +254,11 @@ def main(argv: list[str] | None = None) -> None:
 
     names = ", ".join(f"`{Path(m).name if os.path.isdir(m) else m}`" for m in model_ids)
     images = [str(i.relative_to(REPO_ROOT) if i.is_relative_to(REPO_ROOT) else i) for i in args.image]
-    setup = (f"{len(model_ids)} detector(s): {names}"
-             f"{' (untrained stand-ins with the release architectures)' if args.stand_ins else ''}; images {', '.join(f'`{i}`' for i in images)}; "
+    stand_ins = " (untrained stand-ins with the release architectures)" if args.stand_ins else ""
+    setup = (f"{len(model_ids)} detector(s): {names}{stand_ins}; images {', '.join(f'`{i}`' for i in images)}; "
              f"{args.requests} requests per image and T after {args.warmup} warm-up; torch {torch.__version__}, "
-             f"{args.torch_threads} torch thread(s) in the Space and the raw compute; {platform.machine()}, {os.cpu_count()} CPU cores; "
-             f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
+             f"{args.torch_threads} torch thread(s) in the Space and the raw compute; {platform.machine()}, "
+             f"{os.cpu_count()} CPU cores; {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
     table = results_table(rows_by_key, floors, cold_start_s)
     print(setup)
     print(table)
