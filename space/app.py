@@ -246,6 +246,7 @@ class Detector:
             "seed": SEED,
             "training_domain": self.config.training_domain,
             "image_size": self.config.image_size,
+            "training_image_size": self.config.training_image_size,  # what the size warning compares with
             "warnings": domain_warnings(image, self.config),
         }
 

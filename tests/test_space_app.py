@@ -37,7 +37,8 @@ REAL_EXAMPLE = EXAMPLES / "cifake_real_1.jpg"
 BOGUS_ID = "bayesfake/no-such-detector"
 TINY_DOMAIN = "CIFAKE (tiny untrained test detector)"
 RESULT_FIELDS = {"probs", "std", "predictive_entropy", "mutual_information", "expected_entropy", "verdict",
-                 "threshold", "num_samples", "sample_p_fake", "training_domain", "warnings", "seed"}
+                 "threshold", "num_samples", "sample_p_fake", "training_domain", "warnings", "seed",
+                 "image_size", "training_image_size"}
 VERDICTS = {"likely AI-generated", "likely real", "uncertain: needs human review"}
 
 
