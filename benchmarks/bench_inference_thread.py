@@ -6,7 +6,7 @@ A request is what /predict computes for one image: decode it, then processor and
 samples). Each way runs in a fresh process, because an OpenMP team lives as long as the thread that made it:
 * request threads: loading on the main thread, then the requests taken in turn by 4 threads, as gradio's pool of
   request threads ran them before; each thread that enters torch gets its own OpenMP team;
-* one thread: loading and every request on one dedicated thread (space/app.py INFERENCE_THREAD), with torch's default
+* one thread: loading and every request on one dedicated thread (space/detectors.py INFERENCE_THREAD), with torch's default
   thread count or with one torch thread (the Space's default, space/app.py DEFAULT_TORCH_THREADS).
 "Busy" runs the same while one pure-Python busy loop per core competes for the cores (another process, or the page's
 own decoding and charts, on a real server).

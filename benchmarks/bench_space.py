@@ -15,7 +15,7 @@
   result's server-sent events, with one keep-alive httpx client): the same server work without gradio_client, whose
   message loop also sleeps 50 ms whenever it finds no message waiting;
 * raw compute: p50/p95 of what the endpoint computes, called directly on one dedicated thread with the Space's torch
-  thread count, as the server does (see space/app.py INFERENCE_THREAD): the image decoded once, then for each detector
+  thread count, as the server does (see space/detectors.py INFERENCE_THREAD): the image decoded once, then for each detector
   processor(image) and the model forward with the same T and seed.
 All paths alternate in one loop, so they see the same background load. Target: gradio_client p50 <= 1.3x raw p50.
 
@@ -60,12 +60,12 @@ from hub_models.export import export_detector  # noqa: E402
 from hub_models.hub import DEFAULT_REPO_IDS, load_detector  # noqa: E402
 from hub_models.image_processing_bayesfake import load_image, to_rgb  # noqa: E402
 from space.app import DEFAULT_TORCH_THREADS, TORCH_THREADS_ENV  # noqa: E402
+from space.detectors import SEED  # noqa: E402 - the Space's per-request seed
 
 EXAMPLES = REPO_ROOT / "space" / "examples"
 DEFAULT_IMAGES = [EXAMPLES / "cifake_fake_1.jpg", EXAMPLES / "synthetic_landscape_640x480.jpg",
                   EXAMPLES / "synthetic_still_life_1024x768_rgba.png"]
 RESULTS = REPO_ROOT / "benchmarks" / "results_space.md"
-SEED = 0  # the Space's per-request seed (space/app.py SEED)
 TARGET_RATIO = 1.3
 compute_thread = ThreadPoolExecutor(max_workers=1)  # the only thread of this process that calls torch
 
@@ -226,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         model_ids = [m.strip() for m in (args.models or ",".join(DEFAULT_REPO_IDS)).split(",") if m.strip()]
     # Loaded on the thread that runs the raw compute, and no torch call elsewhere in this process: one OpenMP team, as
-    # in the Space (space/app.py INFERENCE_THREAD). Fails loudly: a benchmark needs every model.
+    # in the Space (space/detectors.py INFERENCE_THREAD). Fails loudly: a benchmark needs every model.
     detectors = compute_thread.submit(lambda: [load_detector(model_id) for model_id in model_ids]).result()
 
     process, client, cold_start_s = start_space(model_ids, args.image[0], args.num_samples[0], args.torch_threads,

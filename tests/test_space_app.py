@@ -28,7 +28,7 @@ from hub_models import BayesFakeConfig, BayesFakeDetector  # noqa: E402
 from hub_models.export import export_detector  # noqa: E402
 from hub_models.hub import load_detector  # noqa: E402
 from hub_models.image_processing_bayesfake import load_image  # noqa: E402
-from space import app  # noqa: E402
+from space import app, detectors  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO_ROOT / "space" / "examples"
@@ -180,7 +180,7 @@ def test_explain_returns_the_models_own_gradients(client, detector_dirs):
     for folder in detector_dirs:
         model, processor = load_detector(folder)
         expected = model.explain(processor(load_image(str(FAKE_EXAMPLE)), return_tensors="pt")["pixel_values"],
-                                 num_samples=8, seed=app.SEED)
+                                 num_samples=8, seed=detectors.SEED)
         result = answer["detectors"][folder]
         saliency = np.asarray(result["saliency"])
         assert saliency.shape == (32, 32) and saliency.max() == pytest.approx(1.0) and saliency.min() >= 0
@@ -188,7 +188,7 @@ def test_explain_returns_the_models_own_gradients(client, detector_dirs):
         np.testing.assert_allclose(saliency, reference, atol=1e-4)
         assert result["p_fake"] == pytest.approx(expected["p_fake"][0].item(), abs=1e-6)
         top = result["top_features"]
-        assert len(top) == min(app.TOP_FEATURES, 8)  # the tiny CNN has 8 features
+        assert len(top) == min(detectors.TOP_FEATURES, 8)  # the tiny CNN has 8 features
         assert [f["importance"] for f in top] == sorted((f["importance"] for f in top), reverse=True)
         assert top[0]["importance"] == pytest.approx(expected["feature_importance"][0].max().item(), rel=1e-5)
     with pytest.raises(AppError, match="not a readable image"):
@@ -197,14 +197,14 @@ def test_explain_returns_the_models_own_gradients(client, detector_dirs):
 
 def test_page_runs_each_detector_once_for_verdict_and_explanation(client, detector_dirs, monkeypatch):
     """The page's verdicts come from the same run as its explanation chart, and equal what /predict answers."""
-    pool = app.DetectorPool.load(detector_dirs)
+    pool = detectors.DetectorPool.load(detector_dirs)
     calls = []
     for detector in pool.detectors.values():
         for method in ("forward", "explain"):
             real = getattr(detector.model, method)
             monkeypatch.setattr(detector.model, method,
                                 lambda *a, _real=real, _m=method, **k: calls.append(_m) or _real(*a, **k))
-    image = app.read_image(str(FAKE_EXAMPLE))
+    image = detectors.read_image(str(FAKE_EXAMPLE))
     answer, explained = pool.analyse_and_explain(image, 8)
     assert calls == ["explain"] * len(detector_dirs)
     served = predict(client, FAKE_EXAMPLE, num_samples=8)
@@ -221,16 +221,16 @@ def test_every_torch_call_of_the_pool_runs_on_the_one_inference_thread(detector_
     """Loading, /predict and the page's explain all run on INFERENCE_THREAD, whatever thread the request came on (one
     OpenMP team per process; see space/app.py)."""
     threads = []
-    real_load = app.load_detector
-    monkeypatch.setattr(app, "load_detector",
+    real_load = detectors.load_detector
+    monkeypatch.setattr(detectors, "load_detector",
                         lambda *a, **k: threads.append(threading.current_thread().name) or real_load(*a, **k))
-    pool = app.DetectorPool.load(detector_dirs)
+    pool = detectors.DetectorPool.load(detector_dirs)
     for detector in pool.detectors.values():
         for method in ("forward", "explain"):
             real = getattr(detector.model, method)
             monkeypatch.setattr(detector.model, method, lambda *a, _real=real, **k: threads.append(
                 threading.current_thread().name) or _real(*a, **k))
-    image = app.read_image(str(FAKE_EXAMPLE))
+    image = detectors.read_image(str(FAKE_EXAMPLE))
     requests = [threading.Thread(target=pool.analyse, args=(image, 4)),
                 threading.Thread(target=pool.analyse_and_explain, args=(image, 4))]
     for request in requests:
@@ -300,7 +300,7 @@ def test_predict_equals_the_raw_model_with_the_request_seed(client, detector_dir
         model, processor = load_detector(folder)
         with torch.no_grad():
             out = model(processor(load_image(str(FAKE_EXAMPLE)), return_tensors="pt")["pixel_values"],
-                        num_samples=10, seed=app.SEED)
+                        num_samples=10, seed=detectors.SEED)
         result = answer["detectors"][folder]
         assert result["probs"]["FAKE"] == pytest.approx(out.probs[0, 1].item(), abs=1e-6)
         assert result["mutual_information"] == pytest.approx(out.mutual_information[0].item(), abs=1e-6)
@@ -315,7 +315,7 @@ def test_predict_is_repeatable_and_honours_detector_choice(client, detector_dirs
         predict(client, REAL_EXAMPLE, detectors=[BOGUS_ID])
 
 
-@pytest.mark.parametrize("num_samples", [0, app.MAX_NUM_SAMPLES + 1, 2.5])
+@pytest.mark.parametrize("num_samples", [0, detectors.MAX_NUM_SAMPLES + 1, 2.5])
 def test_predict_refuses_a_bad_num_samples(client, num_samples):
     with pytest.raises(AppError, match="num_samples"):
         predict(client, REAL_EXAMPLE, num_samples=num_samples)
@@ -333,13 +333,13 @@ def test_size_warning_compares_with_the_training_images_not_the_backbone_input()
     config = BayesFakeConfig(image_size=128, source_image_size=32, training_domain=TINY_DOMAIN)
 
     def warnings_for(width, height):
-        return app.domain_warnings(app.InputImage("x.png", Image.new("RGB", (width, height)), "RGB", "PNG", 1), config)
+        return detectors.domain_warnings(detectors.InputImage("x.png", Image.new("RGB", (width, height)), "RGB", "PNG", 1), config)
 
     assert warnings_for(32, 32) == [] and warnings_for(48, 48) == []
     [warning] = warnings_for(128, 128)
     assert "128x128 px" in warning and "trained on 32x32 images" in warning and "4x larger" in warning
-    assert "trained on 128x128" in " ".join(app.domain_warnings(
-        app.InputImage("x.png", Image.new("RGB", (32, 32)), "RGB", "PNG", 1), BayesFakeConfig(image_size=128)))
+    assert "trained on 128x128" in " ".join(detectors.domain_warnings(
+        detectors.InputImage("x.png", Image.new("RGB", (32, 32)), "RGB", "PNG", 1), BayesFakeConfig(image_size=128)))
 
 
 def test_predict_batch_answers_each_image_and_reports_unreadable_ones(client, tmp_path):
@@ -357,9 +357,9 @@ def test_predict_batch_answers_each_image_and_reports_unreadable_ones(client, tm
 
 
 def test_batch_size_is_limited(detector_dirs):
-    pool = app.DetectorPool.load(detector_dirs[:1])
-    with pytest.raises(ValueError, match=f"at most {app.MAX_BATCH_IMAGES}"):
-        pool.analyse_files([str(REAL_EXAMPLE)] * (app.MAX_BATCH_IMAGES + 1), 4)
+    pool = detectors.DetectorPool.load(detector_dirs[:1])
+    with pytest.raises(ValueError, match=f"at most {detectors.MAX_BATCH_IMAGES}"):
+        pool.analyse_files([str(REAL_EXAMPLE)] * (detectors.MAX_BATCH_IMAGES + 1), 4)
 
 
 # ----------------------------------------------------------------------------------------------------------------------

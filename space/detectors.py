@@ -1,0 +1,303 @@
+"""What the Space computes: uploaded images decoded and judged in or out of domain, the detectors, and the pool that
+runs them on one inference thread. No gradio here: the page and the API (app.py) call into it."""
+
+import json
+import logging
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from hub_models.hub import load_detector
+from hub_models.image_processing_bayesfake import DEFAULT_MAX_PIXELS, load_image, to_rgb
+
+log = logging.getLogger("bayesfake.space")
+
+DEFAULT_NUM_SAMPLES = 30
+MAX_NUM_SAMPLES = 200
+# One fixed seed for every request: the same image and T always give the same answer.
+SEED = 0
+# Smaller images carry too little signal to judge; they are refused rather than upscaled into a confident verdict.
+MIN_IMAGE_SIDE = 8
+MAX_BATCH_IMAGES = 64
+TOP_FEATURES = 10  # features listed per detector in an explanation
+# Out-of-domain rules: the shorter side more than this factor away from the training size, or a crop that drops more
+# than a third of the image.
+SCALE_TOLERANCE = 2.0
+ASPECT_TOLERANCE = 1.5
+# Every torch call (loading, preprocessing, forwards) runs on this one thread, for two reasons:
+# - a forward seeds torch's global RNG (fork_rng), which is process-wide: two concurrent forwards would mix their draws
+#   and lose repeatability, so forwards take turns;
+# - speed: each OS thread that enters torch gets its own OpenMP team of torch's thread count. Run from gradio's pool of
+#   request threads, the teams outnumber the cores and every parallel region waits on sleeping threads
+#   (benchmarks/results_inference_thread.md).
+INFERENCE_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bayesfake-inference")
+
+
+def on_inference_thread(fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` on the inference thread; its result, or its exception."""
+    return INFERENCE_THREAD.submit(fn, *args, **kwargs).result()
+
+MODE_NAMES = {  # PIL mode -> plain words, for the "not 8-bit RGB" warning
+    "1": "1-bit black and white",
+    "L": "8-bit grayscale",
+    "LA": "grayscale with transparency, composited over white",
+    "P": "palette colours",
+    "PA": "palette colours with transparency, composited over white",
+    "RGBA": "RGB with transparency, composited over white",
+    "CMYK": "print colours",
+    "I;16": "16-bit grayscale",
+    "I;16B": "16-bit grayscale",
+    "I": "16/32-bit integer grayscale",
+    "F": "floating-point grayscale",
+    "YCbCr": "luma and chroma",
+    "LAB": "CIELAB colours",
+    "HSV": "hue, saturation, value",
+}
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Input images
+
+
+@dataclass
+class InputImage:
+    """An uploaded image decoded to 8-bit RGB, with what the file was (for the out-of-domain warnings)."""
+
+    name: str
+    rgb: Image.Image
+    mode: str
+    format: str | None
+    frames: int
+
+    @property
+    def width(self) -> int:
+        return self.rgb.width
+
+    @property
+    def height(self) -> int:
+        return self.rgb.height
+
+    def describe(self) -> dict:
+        return dict(name=self.name, width=self.width, height=self.height, mode=self.mode, format=self.format,
+                    frames=self.frames)
+
+
+def read_image(path: str, name: str | None = None) -> InputImage:
+    """Decode an uploaded file with the detectors' own loader; raise ``ValueError`` with a plain reason if unusable."""
+    name = name or Path(path).name
+    if not os.path.isfile(path):
+        raise ValueError(f"{name}: no such file")
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{name}: the file is empty (0 bytes)")
+    # load_image decodes every pixel: read the header first so a huge image is refused before it is allocated.
+    try:
+        with Image.open(path) as probe:
+            width, height = probe.size
+    except Exception:  # not an image, or PIL's own decompression-bomb refusal: load_image below says why
+        width = height = 0
+    if width * height > DEFAULT_MAX_PIXELS:
+        raise ValueError(f"{name}: image too large ({width}x{height} pixels; the limit is {DEFAULT_MAX_PIXELS:,})")
+    try:
+        image = load_image(path)
+        mode, file_format, frames = image.mode, image.format, getattr(image, "n_frames", 1)
+        rgb = to_rgb(image)
+    except Exception as err:  # ValueError with a reason, or PIL failing to convert (e.g. a malformed EXIF block)
+        reason = str(err) if isinstance(err, ValueError) else f"cannot convert it ({type(err).__name__}: {err})"
+        # PIL's messages name the server-side temp path: show the uploaded name instead
+        raise ValueError(f"{name}: {reason.replace(path, name)}") from err
+    if min(rgb.size) < MIN_IMAGE_SIDE:
+        raise ValueError(f"{name}: image is only {rgb.width}x{rgb.height} pixels, too small to judge "
+                         f"(at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} is needed)")
+    return InputImage(name=name, rgb=rgb, mode=mode, format=file_format, frames=frames)
+
+
+def domain_warnings(image: InputImage, config) -> list[str]:
+    """Plain-words reasons why ``image`` is far from the detector's training data (empty when it looks in-domain)."""
+    size = config.training_image_size
+    warnings = []
+    short_side = min(image.width, image.height)
+    scale = short_side / size
+    if not 1 / SCALE_TOLERANCE <= scale <= SCALE_TOLERANCE:
+        how = f"{scale:.0f}x larger" if scale > 1 else f"{1 / scale:.0f}x smaller"
+        warnings.append(f"the image is {image.width}x{image.height} px but this detector was trained on {size}x{size} "
+                        f"images ({how}): far from the training data")
+    aspect = max(image.width, image.height) / short_side
+    if aspect > ASPECT_TOLERANCE:
+        warnings.append(f"only the central square ({100 / aspect:.0f}% of the image) was analysed")
+    if image.mode != "RGB":
+        warnings.append(f"the file is {image.mode} ({MODE_NAMES.get(image.mode, 'unusual mode')}), not 8-bit RGB "
+                        f"like the training images; it was converted")
+    if image.frames > 1:
+        warnings.append(f"animated image ({image.frames} frames): only the first frame was analysed")
+    return warnings
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Detectors
+
+
+@dataclass
+class Detector:
+    name: str
+    model: torch.nn.Module
+    processor: object
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def predict(self, image: InputImage, num_samples: int) -> dict:
+        """Monte Carlo predictive for one image, as plain JSON numbers."""
+        return self.answer(image, on_inference_thread(self._forward, image, num_samples), num_samples)
+
+    def _forward(self, image: InputImage, num_samples: int):
+        pixel_values = self.processor(image.rgb, return_tensors="pt")["pixel_values"]
+        with torch.inference_mode():
+            return self.model(pixel_values, num_samples=num_samples, seed=SEED)
+
+    def _explain(self, image: InputImage, num_samples: int) -> tuple:
+        pixel_values = self.processor(image.rgb, return_tensors="pt")["pixel_values"]
+        out = self.model.explain(pixel_values, num_samples=num_samples, seed=SEED)
+        return out["output"], self.explanation(out, num_samples)
+
+    def answer(self, image: InputImage, out, num_samples: int) -> dict:
+        """The ``/predict`` answer for one image from the detector's ``BayesFakeOutput``."""
+        return {
+            "detector": self.name,
+            "verdict": self.model.verdicts(out)[0],
+            "probs": dict(zip(("REAL", "FAKE"), out.probs[0].tolist())),
+            "std": dict(zip(("REAL", "FAKE"), out.std[0].tolist())),
+            "predictive_entropy": out.predictive_entropy[0].item(),
+            "mutual_information": out.mutual_information[0].item(),
+            "expected_entropy": out.expected_entropy[0].item(),
+            "sample_p_fake": out.sample_probs[:, 0, 1].tolist(),
+            "threshold": self.config.threshold,
+            "reject_entropy": self.config.reject_entropy,
+            "num_samples": num_samples,
+            "seed": SEED,
+            "training_domain": self.config.training_domain,
+            "image_size": self.config.image_size,
+            "training_image_size": self.config.training_image_size,  # what the size warning compares with
+            "warnings": domain_warnings(image, self.config),
+        }
+
+    def predict_and_explain(self, image: InputImage, num_samples: int) -> tuple[dict, dict]:
+        """The ``/predict`` and ``/explain`` answers from one run of the detector (``model.explain`` returns the
+        predictive it differentiated, the same as ``model(...)`` with the same seed)."""
+        out, explained = on_inference_thread(self._explain, image, num_samples)
+        return self.answer(image, out, num_samples), explained
+
+    def explanation(self, out: dict, num_samples: int) -> dict:
+        """Why, from ``model.explain``: the input-gradient saliency map (normalised to [0, 1], at the detector's input
+        size) and the backbone features that move P(FAKE) most (gradient x feature)."""
+        saliency = out["saliency"][0]
+        saliency = saliency / saliency.max().clamp_min(1e-12)
+        importance, gradient = out["feature_importance"][0], out["feature_gradient"][0]
+        top = importance.topk(min(TOP_FEATURES, importance.numel())).indices.tolist()
+        return {
+            "detector": self.name,
+            "p_fake": out["p_fake"][0].item(),
+            "num_samples": num_samples,
+            "saliency": [[round(v, 4) for v in row] for row in saliency.tolist()],
+            "top_features": [{"feature": i, "importance": importance[i].item(), "gradient": gradient[i].item()}
+                             for i in top],
+        }
+
+    def describe(self) -> dict:
+        # Through JSON: the config's id2label has int keys, which the server's JSON encoder refuses.
+        return {"name": self.name, "config": json.loads(self.config.to_json_string())}
+
+
+@dataclass
+class DetectorPool:
+    """The detectors loaded at start, and the ones that failed (name -> reason)."""
+
+    detectors: dict[str, Detector] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, model_ids: list[str]) -> "DetectorPool":
+        pool = cls()
+        for model_id in dict.fromkeys(model_ids):  # drop repeats, keep the order
+            try:
+                model, processor = on_inference_thread(load_detector, model_id)
+            except Exception as err:  # any failure is reported on the page; the other detectors still serve
+                log.warning("detector %s failed to load: %s", model_id, err)
+                pool.failed[model_id] = f"{type(err).__name__}: {err}"
+            else:
+                pool.detectors[model_id] = Detector(model_id, model, processor)
+        return pool
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.detectors)
+
+    def select(self, names: list[str] | None) -> list[Detector]:
+        """The detectors named (all loaded ones for None); ``ValueError`` for an empty choice or an unknown name."""
+        if not self.detectors:
+            raise ValueError("no detector is loaded: " + "; ".join(f"{k} ({v})" for k, v in self.failed.items()))
+        if names is None:
+            return list(self.detectors.values())
+        unknown = [name for name in names if name not in self.detectors]
+        if unknown:
+            raise ValueError(f"unknown detector(s) {unknown}; loaded: {self.names}")
+        if not names:
+            raise ValueError("choose at least one detector")
+        return [self.detectors[name] for name in names]
+
+    def analyse(self, image: InputImage, num_samples, names: list[str] | None = None) -> dict:
+        """What ``/predict`` answers for one decoded image."""
+        detectors = self.select(names)
+        num_samples = checked_num_samples(num_samples)
+        return {"image": image.describe(),
+                "detectors": {d.name: d.predict(image, num_samples) for d in detectors}}
+
+    def explain(self, image: InputImage, num_samples, names: list[str] | None = None) -> dict:
+        """What ``/explain`` answers for one decoded image."""
+        return self.analyse_and_explain(image, num_samples, names)[1]
+
+    def analyse_and_explain(self, image: InputImage, num_samples, names: list[str] | None = None) -> tuple[dict, dict]:
+        """What ``/predict`` and ``/explain`` answer for one decoded image, running each detector once (the page)."""
+        detectors = self.select(names)
+        num_samples = checked_num_samples(num_samples)
+        answers, explanations = {}, {}
+        for d in detectors:
+            answers[d.name], explanations[d.name] = d.predict_and_explain(image, num_samples)
+        described = image.describe()
+        return {"image": described, "detectors": answers}, {"image": described, "detectors": explanations}
+
+    def analyse_files(self, paths: list[str], num_samples, names: list[str] | None = None) -> list[dict]:
+        """One answer per file; a file that cannot be read gives ``{"file", "error"}`` and the others still run."""
+        if not paths:
+            raise ValueError("no images given")
+        if len(paths) > MAX_BATCH_IMAGES:
+            raise ValueError(f"{len(paths)} images given; at most {MAX_BATCH_IMAGES} per batch")
+        self.select(names)  # refuse a bad detector choice once, not once per file
+        checked_num_samples(num_samples)
+        answers = []
+        for path in paths:
+            try:
+                answers.append(self.analyse(read_image(path), num_samples, names))
+            except ValueError as err:
+                answers.append({"file": Path(path).name, "error": str(err)})
+        return answers
+
+    def describe(self) -> dict:
+        return {"loaded": [d.describe() for d in self.detectors.values()],
+                "failed": [{"name": name, "error": error} for name, error in self.failed.items()],
+                "torch_threads": torch.get_num_threads()}
+
+
+def checked_num_samples(num_samples) -> int:
+    """T as an int in [1, MAX_NUM_SAMPLES] (sliders send floats), or ``ValueError``."""
+    if (isinstance(num_samples, bool) or not isinstance(num_samples, (int, float)) or not math.isfinite(num_samples)
+            or num_samples != int(num_samples)):
+        raise ValueError(f"num_samples must be a whole number; got {num_samples!r}")
+    if not 1 <= num_samples <= MAX_NUM_SAMPLES:
+        raise ValueError(f"num_samples must be between 1 and {MAX_NUM_SAMPLES}; got {num_samples}")
+    return int(num_samples)
+
