@@ -42,6 +42,7 @@ def on_inference_thread(fn, *args, **kwargs):
     """``fn(*args, **kwargs)`` on the inference thread; its result, or its exception."""
     return INFERENCE_THREAD.submit(fn, *args, **kwargs).result()
 
+
 MODE_NAMES = {  # PIL mode -> plain words, for the "not 8-bit RGB" warning
     "1": "1-bit black and white",
     "L": "8-bit grayscale",
