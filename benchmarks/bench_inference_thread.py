@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
 import torch  # noqa: E402
-from bench_space import DEFAULT_IMAGES, p50_p95, raw_compute, timed  # noqa: E402
+from bench_space import DEFAULT_IMAGES, model_ids_arg, p50_p95, raw_compute, timed  # noqa: E402
 
 from hub_models.hub import DEFAULT_REPO_IDS, load_detector  # noqa: E402
 
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--write", action="store_true", help=f"write the results to {RESULTS.relative_to(REPO_ROOT)}")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # one way, in this process: [dedicated, threads]
     args = parser.parse_args(argv)
-    model_ids = [m.strip() for m in (args.models or ",".join(DEFAULT_REPO_IDS)).split(",") if m.strip()]
+    model_ids = model_ids_arg(args.models)
 
     if args.child:
         dedicated, threads = json.loads(args.child)

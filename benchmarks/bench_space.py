@@ -81,6 +81,11 @@ def export_stand_ins(folder: Path) -> list[str]:
     return paths
 
 
+def model_ids_arg(text: str | None) -> list[str]:
+    """The --models value (comma-separated ids or folders), else the released detectors."""
+    return [m.strip() for m in (text or ",".join(DEFAULT_REPO_IDS)).split(",") if m.strip()]
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -224,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.stand_ins:
         model_ids = compute_thread.submit(export_stand_ins, workdir).result()
     else:
-        model_ids = [m.strip() for m in (args.models or ",".join(DEFAULT_REPO_IDS)).split(",") if m.strip()]
+        model_ids = model_ids_arg(args.models)
     # Loaded on the thread that runs the raw compute, and no torch call elsewhere in this process: one OpenMP team, as
     # in the Space (space/detectors.py INFERENCE_THREAD). Fails loudly: a benchmark needs every model.
     detectors = compute_thread.submit(lambda: [load_detector(model_id) for model_id in model_ids]).result()

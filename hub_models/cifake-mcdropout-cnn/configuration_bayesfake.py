@@ -110,6 +110,9 @@ class BayesFakeConfig(PretrainedConfig):
         def fail(field: str, why: str) -> None:
             raise ValueError(f"BayesFakeConfig.{field}={getattr(self, field)!r}: {why}")
 
+        def positive_int(value) -> bool:  # bool is an int subclass, and True is no size
+            return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
         if not isinstance(self.backbone, str) or not self.backbone:
             fail("backbone", f"must be {SCRATCH_CNN!r} or a timm model name")
         if len(self.cnn_widths) != 3 or min(self.cnn_widths) < 1:
@@ -132,7 +135,7 @@ class BayesFakeConfig(PretrainedConfig):
             fail("variational_scope", f"'all' is only available for the {SCRATCH_CNN!r} backbone")
         if not 0 < self.prior_sigma < math.inf:
             fail("prior_sigma", "must be finite and > 0")
-        if isinstance(self.num_samples, bool) or not isinstance(self.num_samples, int) or self.num_samples < 1:
+        if not positive_int(self.num_samples):
             fail("num_samples", "must be an integer >= 1")
         if not 0.0 < self.threshold < 1.0:
             fail("threshold", "must be in (0, 1)")
@@ -140,10 +143,9 @@ class BayesFakeConfig(PretrainedConfig):
             fail("calibration_temperature", "must be finite and > 0")
         if self.reject_entropy is not None and not self.reject_entropy > 0:
             fail("reject_entropy", "must be > 0 nats, or None")
-        if isinstance(self.image_size, bool) or not isinstance(self.image_size, int) or self.image_size < 1:
+        if not positive_int(self.image_size):
             fail("image_size", "must be a positive integer")
-        if self.source_image_size is not None and (isinstance(self.source_image_size, bool) or not isinstance(
-                self.source_image_size, int) or self.source_image_size < 1):
+        if self.source_image_size is not None and not positive_int(self.source_image_size):
             fail("source_image_size", "must be a positive integer, or None (= image_size)")
         if len(self.image_mean) != 3:
             fail("image_mean", "must hold 3 values (RGB)")
