@@ -7,6 +7,7 @@ This file ships inside every Hub repo (it is what ``trust_remote_code=True`` dow
 from __future__ import annotations
 
 import math
+import re
 
 from transformers import PretrainedConfig
 
@@ -46,6 +47,10 @@ class BayesFakeConfig(PretrainedConfig):
             ``image_size`` (CIFAKE: 32, also for a backbone fed 128 px); None = ``image_size``. It says how far an input
             is from the training data (``training_image_size``; the Space's out-of-domain warning).
         training_domain: plain-words description of the training data, shown to users.
+        sampling_seed: seed of the T samples when a call gives neither ``seed`` nor ``generator`` (eval mode), so the
+            same image always gets the same answer, ``pipeline()`` included; None = fresh draws from the global RNG.
+        release_version: version of a released detector ("MAJOR.MINOR.PATCH"); its golden outputs carry the same
+            version, and a change of outputs needs a new one. None for an unreleased model.
         metrics: measured evaluation metrics (namespaced, e.g. ``cls/acc``), written at export.
     """
 
@@ -74,6 +79,8 @@ class BayesFakeConfig(PretrainedConfig):
         resample: str = "bicubic",
         source_image_size: int | None = None,
         training_domain: str = "",
+        sampling_seed: int | None = 0,
+        release_version: str | None = None,
         metrics: dict | None = None,
         **kwargs,
     ):
@@ -100,6 +107,8 @@ class BayesFakeConfig(PretrainedConfig):
         self.resample = resample
         self.source_image_size = source_image_size
         self.training_domain = training_domain
+        self.sampling_seed = sampling_seed
+        self.release_version = release_version
         self.metrics = dict(metrics or {})
         super().__init__(**kwargs)
         self.validate_bayesfake()
@@ -110,8 +119,8 @@ class BayesFakeConfig(PretrainedConfig):
         def fail(field: str, why: str) -> None:
             raise ValueError(f"BayesFakeConfig.{field}={getattr(self, field)!r}: {why}")
 
-        def positive_int(value) -> bool:  # bool is an int subclass, and True is no size
-            return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+        def positive_int(value, least: int = 1) -> bool:  # bool is an int subclass, and True is no size
+            return isinstance(value, int) and not isinstance(value, bool) and value >= least
 
         if not isinstance(self.backbone, str) or not self.backbone:
             fail("backbone", f"must be {SCRATCH_CNN!r} or a timm model name")
@@ -155,6 +164,11 @@ class BayesFakeConfig(PretrainedConfig):
             fail("resample", f"must be one of {RESAMPLE_FILTERS}")
         if not isinstance(self.training_domain, str):
             fail("training_domain", "must be plain text (on a command line, quote a value that holds ': ')")
+        if self.sampling_seed is not None and not positive_int(self.sampling_seed, least=0):
+            fail("sampling_seed", "must be an integer >= 0, or None (fresh draws)")
+        if self.release_version is not None and not (
+                isinstance(self.release_version, str) and re.fullmatch(r"\d+\.\d+\.\d+", self.release_version)):
+            fail("release_version", 'must be "MAJOR.MINOR.PATCH" text, or None (unreleased)')
         if self.num_labels != 2:
             fail("num_labels", "a BayesFake detector has exactly two labels, REAL (0) and FAKE (1)")
 

@@ -22,6 +22,8 @@ PIL_FILTERS = {
 }
 # Larger inputs are refused before decoding (PIL itself refuses > 2x its own limit as a decompression bomb).
 DEFAULT_MAX_PIXELS = 64_000_000
+# Longest side / shortest side kept before resizing (see resize_center_crop); 4:1 covers panoramas unchanged.
+MAX_ASPECT = 4
 
 
 def load_image(source) -> Image.Image:
@@ -69,10 +71,21 @@ def to_rgb(image: Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
 
 
 def resize_center_crop(image: Image.Image, size: int, resample: str) -> Image.Image:
-    """Resize the shorter side to ``size`` (antialiased), then center-crop to ``size`` x ``size``."""
+    """Resize the shorter side to ``size`` (antialiased), then center-crop to ``size`` x ``size``.
+
+    An image longer than ``MAX_ASPECT`` times its width (or the reverse) is first center-cropped to that ratio: the
+    final square lies well inside the crop, so the answer is the same up to the filter's edge support, and the resize
+    never builds a huge intermediate (an 8x100,000 PNG of 274 bytes would otherwise grow a 32x400,000 image).
+    """
     if image.size == (size, size):
         return image
     w, h = image.size
+    short = min(w, h)
+    if max(w, h) > MAX_ASPECT * short:
+        cw, ch = min(w, MAX_ASPECT * short), min(h, MAX_ASPECT * short)
+        left, top = (w - cw) // 2, (h - ch) // 2
+        image = image.crop((left, top, left + cw, top + ch))
+        w, h = image.size
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
     image = image.resize((nw, nh), PIL_FILTERS[resample])

@@ -109,6 +109,18 @@ def apply_layer(layer: nn.Module, x: torch.Tensor, num_samples: int, stochastic:
     return out.reshape(b * t, -1)
 
 
+def shared_dropout(x: torch.Tensor, p: float, num_samples: int) -> torch.Tensor:
+    """Inference-time MC dropout on ``x`` [B*T, D] (image-major): sample t uses the same mask for every image.
+
+    Each image then sees the same T masks whatever else is in its batch, so a given image, seed and T give the same
+    answer alone or in any batch (a mask drawn per row would depend on the image's position and the batch size).
+    Each image's own T masks are still independent draws, so its predictive is the MC-Dropout predictive.
+    """
+    t = num_samples
+    keep = torch.empty((t, x.shape[-1]), device=x.device, dtype=x.dtype).bernoulli_(1.0 - p) / (1.0 - p)
+    return (x.reshape(-1, t, x.shape[-1]) * keep).reshape(x.shape)
+
+
 def gaussian_kl(layer: nn.Module) -> torch.Tensor:
     """KL(q || prior) of one bayesian-torch layer, summed over its parameters.
 
@@ -205,8 +217,10 @@ class ClassifierHead(nn.Module):
     def forward(self, x: torch.Tensor, num_samples: int = 1, stochastic: bool = False) -> torch.Tensor:
         drop = self.dropout > 0 and (self.training or (stochastic and self.mc_dropout))
         for i, layer in enumerate(self.layers):
-            if drop:
+            if drop and self.training:
                 x = F.dropout(x, self.dropout, training=True)
+            elif drop:
+                x = shared_dropout(x, self.dropout, num_samples)
             x = apply_layer(layer, x, num_samples, stochastic)
             if i < len(self.layers) - 1:
                 x = F.relu(x)
@@ -271,6 +285,13 @@ def sampling_rng(seed: int | None, generator: torch.Generator | None, device: to
         yield
 
 
+def check_finite(what: str, tensor: torch.Tensor) -> None:
+    """Raise ``ValueError`` when ``tensor`` holds NaN or infinity: such a number is an error, never a verdict."""
+    if not torch.isfinite(tensor).all():
+        bad = (~torch.isfinite(tensor)).sum().item()
+        raise ValueError(f"{what} holds {bad} NaN or infinite value(s) of {tensor.numel()}: no verdict can be given")
+
+
 def entropy(p: torch.Tensor, dim: int = -1) -> torch.Tensor:
     return -(p * torch.log(p.clamp_min(1e-12))).sum(dim)
 
@@ -324,6 +345,27 @@ class BayesFakePreTrainedModel(PreTrainedModel):
 class BayesFakeDetector(BayesFakePreTrainedModel):
     """REAL/FAKE detector with Monte Carlo uncertainty; see the module docstring for the inference contract."""
 
+    @classmethod
+    def from_pretrained(cls, *args, output_loading_info: bool = False, **kwargs):
+        """``PreTrainedModel.from_pretrained``, refusing a weights file that does not match the architecture.
+
+        transformers only reports missing tensors ("newly initialized") and unexpected ones; a detector served with a
+        random layer gives confident nonsense, so any missing, unexpected or mis-shaped tensor, and any NaN or
+        infinite weight, is a ``ValueError`` here.
+        """
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        problems = {key: info.get(key) for key in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        problems = {key: sorted(str(k) for k in value) for key, value in problems.items() if value}
+        if problems:
+            where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+            listed = "; ".join(f"{key.replace('_', ' ')}: {', '.join(value[:8])}" + (" ..." if len(value) > 8 else "")
+                               for key, value in problems.items())
+            raise ValueError(f"{where}: the weights do not match this detector's architecture ({listed})")
+        for name, tensor in model.state_dict().items():
+            if tensor.is_floating_point():
+                check_finite(f"weight {name}", tensor)
+        return (model, info) if output_loading_info else model
+
     def __init__(self, config: BayesFakeConfig):
         super().__init__(config)
         self.backbone_stochastic = config.head == "variational" and config.variational_scope == "all"
@@ -372,6 +414,25 @@ class BayesFakeDetector(BayesFakePreTrainedModel):
             raise ValueError(f"num_samples must be an integer >= 1; got {t!r}")
         return t
 
+    def check_pixel_values(self, pixel_values) -> None:
+        """Raise ``ValueError`` saying what is wrong unless ``pixel_values`` is what the image processor makes:
+        a non-empty float tensor [B, 3, S, S] with S = ``config.image_size``, every value finite."""
+        size = self.config.image_size
+        expected = f"a float tensor [B, 3, {size}, {size}] from the detector's image processor"
+        if not torch.is_tensor(pixel_values):
+            raise ValueError(f"pixel_values must be {expected}; got {type(pixel_values).__name__}")
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(f"pixel_values must be {expected}; got shape {tuple(pixel_values.shape)}")
+        if not pixel_values.is_floating_point():
+            raise ValueError(f"pixel_values must be {expected}; got dtype {pixel_values.dtype} (uint8 images must go "
+                             "through the image processor, which scales and normalises them)")
+        if pixel_values.shape[0] == 0:
+            raise ValueError("pixel_values is an empty batch: no image to judge")
+        if tuple(pixel_values.shape[2:]) != (size, size):
+            raise ValueError(f"pixel_values must be {size}x{size} (config.image_size); got "
+                             f"{pixel_values.shape[2]}x{pixel_values.shape[3]}: let the image processor resize them")
+        check_finite("pixel_values", pixel_values)
+
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -381,7 +442,6 @@ class BayesFakeDetector(BayesFakePreTrainedModel):
         generator: torch.Generator | None = None,
         stochastic: bool = True,
         return_dict: bool | None = None,
-        **kwargs,
     ) -> BayesFakeOutput:
         """Monte Carlo predictive over ``num_samples`` (default ``config.num_samples``) samples.
 
@@ -389,12 +449,14 @@ class BayesFakeDetector(BayesFakePreTrainedModel):
             pixel_values: [B, 3, H, W] float images, normalised as the image processor does.
             num_samples: T; with a deterministic head (or ``stochastic=False``) one pass is computed and repeated.
             labels: optional [B] class ids; then ``loss`` is the NLL of the mean predictive.
-            seed / generator: make the sampling repeatable (the global RNG is left untouched).
+            seed / generator: make the sampling repeatable (the global RNG is left untouched). With neither, an
+                eval-mode model samples with ``config.sampling_seed`` (so ``pipeline()`` is repeatable); set that to
+                None for fresh draws from the global RNG. In training mode the global RNG is used.
             stochastic: False gives the mean-field deterministic pass (dropout off, posterior mean weights).
+        Unknown keyword arguments raise ``TypeError`` (a misspelt ``num_sample=`` must not silently run the default).
+        Any image gives the same answer alone or in any batch, for a given seed and T.
         """
-        if not torch.is_tensor(pixel_values) or pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
-            shape = tuple(pixel_values.shape) if torch.is_tensor(pixel_values) else type(pixel_values).__name__
-            raise ValueError(f"pixel_values must be a float tensor [B, 3, H, W]; got {shape}")
+        self.check_pixel_values(pixel_values)
         return self._sampled_predictive(
             lambda x, t, sampled: self.sample_logits(x, t, stochastic=sampled),
             pixel_values, num_samples, labels, seed, generator, stochastic)
@@ -414,9 +476,11 @@ class BayesFakeDetector(BayesFakePreTrainedModel):
         if self.backbone_stochastic:
             raise ValueError("forward_features: every layer of this model is sampled; call the model on pixels")
         width = self.backbone.num_features
-        if not torch.is_tensor(features) or features.dim() != 2 or features.shape[1] != width:
-            shape = tuple(features.shape) if torch.is_tensor(features) else type(features).__name__
-            raise ValueError(f"features must be a float tensor [B, {width}]; got {shape}")
+        if (not torch.is_tensor(features) or features.dim() != 2 or features.shape[1] != width
+                or not features.is_floating_point() or features.shape[0] == 0):
+            shape = f"{tuple(features.shape)} {features.dtype}" if torch.is_tensor(features) else type(features).__name__
+            raise ValueError(f"features must be a non-empty float tensor [B, {width}]; got {shape}")
+        check_finite("features", features)
         return self._sampled_predictive(
             lambda f, t, sampled: self.sample_head_logits(f, f.shape[0], t, stochastic=sampled),
             features, num_samples, labels, seed, generator, stochastic)
@@ -430,6 +494,8 @@ class BayesFakeDetector(BayesFakePreTrainedModel):
         param = next(self.parameters())
         inputs = inputs.to(device=param.device, dtype=param.dtype)
         sampled = stochastic and self.config.stochastic
+        if seed is None and generator is None and not self.training:
+            seed = self.config.sampling_seed
         with sampling_rng(seed, generator, param.device):
             logits = sample_logits(inputs, t if sampled else 1, sampled)
         return self._predictive(logits, t, labels)
@@ -443,6 +509,8 @@ class BayesFakeDetector(BayesFakePreTrainedModel):
         expected_entropy = entropy(sample_probs).mean(0)
         # MI >= 0 by Jensen; clamp the float round-off so callers can rely on it.
         mutual_information = (predictive_entropy - expected_entropy).clamp_min(0.0)
+        if not self.training:  # a NaN compares false with every threshold: it would read as "likely real"
+            check_finite("the detector's output (are its weights corrupt?)", probs)
         log_probs = torch.log(probs.clamp_min(1e-12))
         loss = None
         if labels is not None:
@@ -497,6 +565,8 @@ class BayesFakeDetector(BayesFakePreTrainedModel):
 
     def verdicts(self, output: BayesFakeOutput) -> list[str]:
         """Plain-words verdict per image from the config's threshold on P(FAKE) and its reject rule on entropy."""
+        check_finite("output.probs", output.probs)
+        check_finite("output.predictive_entropy", output.predictive_entropy)
         words = []
         reject = self.config.reject_entropy
         for p_fake, h in zip(output.probs[:, 1].tolist(), output.predictive_entropy.tolist()):

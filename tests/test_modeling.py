@@ -29,7 +29,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(head, scope="head", layer="reparameterization", seed=0, **overrides):
-    kwargs = dict(cnn_widths=[4, 8, 8], head_hidden=[8], num_samples=8)
+    kwargs = dict(cnn_widths=[4, 8, 8], head_hidden=[8], num_samples=8, image_size=16)
     kwargs.update(overrides)
     config = BayesFakeConfig(head=head, variational_scope=scope, variational_layer=layer, **kwargs)
     torch.manual_seed(seed)
@@ -140,6 +140,70 @@ def test_bad_inputs_raise():
     for bad in (0, -1, 2.0, True):
         with pytest.raises(ValueError, match="num_samples"):
             model(images(), num_samples=bad)
+    with pytest.raises(ValueError, match="uint8 images must go through the image processor"):
+        model(torch.zeros(2, 3, 16, 16, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="must be 16x16 .* got 32x32"):
+        model(torch.zeros(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="empty batch"):
+        model(torch.zeros(0, 3, 16, 16))
+    with pytest.raises(ValueError, match="empty batch|non-empty"):
+        model.forward_features(torch.zeros(0, model.backbone.num_features))
+
+
+def test_misspelt_keyword_is_a_type_error_naming_it():
+    model = build("mc_dropout")
+    with pytest.raises(TypeError, match="num_sample"):
+        model(images(), num_sample=10)
+    with pytest.raises(TypeError, match="sed"):
+        model(images(), sed=0)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+@pytest.mark.parametrize("kind", HEADS, ids=HEAD_IDS)
+def test_nan_or_inf_input_is_an_error_never_a_verdict(kind, bad):
+    model = build(*kind)
+    x = images()
+    x[1, 0, 3, 3] = bad
+    with torch.no_grad(), pytest.raises(ValueError, match="pixel_values holds 1 NaN or infinite"):
+        model(x, num_samples=T)
+    if not model.backbone_stochastic:
+        features = model.backbone(images())
+        features[0, 0] = bad
+        with torch.no_grad(), pytest.raises(ValueError, match="features holds 1 NaN"):
+            model.forward_features(features, num_samples=T)
+
+
+@pytest.mark.parametrize("kind", HEADS, ids=HEAD_IDS)
+def test_nan_weights_are_an_error_never_a_verdict(kind):
+    model = build(*kind)
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if n.startswith("head.")).fill_(math.nan)
+        with pytest.raises(ValueError, match="detector's output .* NaN"):
+            model(images(), num_samples=T)
+
+
+def test_verdicts_refuse_nan():
+    model = build("mc_dropout")
+    with torch.no_grad():
+        out = model(images(), num_samples=T, seed=0)
+    assert len(model.verdicts(out)) == B
+    out.probs[0] = math.nan
+    with pytest.raises(ValueError, match="NaN"):
+        model.verdicts(out)
+
+
+@pytest.mark.parametrize("kind", STOCHASTIC_HEADS, ids=STOCHASTIC_IDS)
+def test_an_image_gets_the_same_answer_in_any_batch(kind):
+    """A given image, seed and T give the same answer alone, first or last in a batch, whatever the batch size."""
+    model = build(*kind)
+    x = images(b=5)
+    with torch.no_grad():
+        whole = model(x, num_samples=T, seed=3)
+        for i in range(5):
+            alone = model(x[i : i + 1], num_samples=T, seed=3)
+            torch.testing.assert_close(alone.sample_probs[:, 0], whole.sample_probs[:, i], atol=1e-6, rtol=0)
+        reordered = model(x.flip(0)[:3], num_samples=T, seed=3)
+    torch.testing.assert_close(reordered.probs, whole.probs.flip(0)[:3], atol=1e-6, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -173,7 +237,15 @@ def test_seeded_call_leaves_global_rng_untouched(kind):
         model(x, num_samples=T, seed=5)
         model(x, num_samples=T, generator=torch.Generator().manual_seed(5))
     assert torch.equal(torch.get_rng_state(), state)
-    # Unseeded calls do draw from the global RNG (and so differ from call to call).
+    # A call without seed or generator samples with config.sampling_seed: repeatable, global RNG untouched.
+    with torch.no_grad():
+        d1 = model(x, num_samples=T).sample_probs
+        d2 = model(x, num_samples=T).sample_probs
+        seeded = model(x, num_samples=T, seed=model.config.sampling_seed).sample_probs
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(d1, d2) and torch.equal(d1, seeded)
+    # sampling_seed=None: unseeded calls draw from the global RNG (and so differ from call to call).
+    model.config.sampling_seed = None
     with torch.no_grad():
         u1 = model(x, num_samples=T).sample_probs
         u2 = model(x, num_samples=T).sample_probs

@@ -160,6 +160,35 @@ def test_extreme_aspect_ratio(processor):
     pixels(processor, Image.new("RGB", (1000, 1), (0, 0, 255)))
 
 
+@pytest.mark.parametrize("size", [(8, 100_000), (100_000, 8)])
+def test_extreme_aspect_ratio_is_cropped_before_resizing(processor, size, monkeypatch):
+    """A 274-byte 8x100,000 PNG must not be resized into a 32x400,000 intermediate (0.9 GB per 100k rows)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", size, (0, 0, 255)).save(buffer, format="PNG")
+    resized = []
+    original = Image.Image.resize
+
+    def recording_resize(self, new_size, *args, **kwargs):
+        resized.append(new_size)
+        return original(self, new_size, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "resize", recording_resize)
+    assert close(colour(pixels(processor, buffer.getvalue())), BLUE)
+    assert resized and max(w * h for w, h in resized) <= 4 * processor.size**2
+
+
+def test_moderate_aspect_ratio_is_unchanged_by_the_crop(processor):
+    """Up to 4:1 nothing is cropped first: the pixels are those of resize-then-crop as before."""
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (50, 200, 3), dtype=np.uint8))
+    w, h, size = image.width, image.height, processor.size
+    scale = size / min(w, h)
+    expected = image.resize((round(w * scale), round(h * scale)), Image.Resampling.BICUBIC)
+    left = (expected.width - size) // 2
+    expected = np.asarray(expected.crop((left, 0, left + size, size)))
+    assert np.array_equal(processor.to_rgb_uint8(image), expected)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Unusable inputs give a clear ValueError
 
