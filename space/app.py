@@ -1,7 +1,9 @@
 """BayesFake Space: is this image AI-generated, and how sure are the detectors?
 
-    python space/app.py [--models ID_OR_PATH,...]     # or BAYESFAKE_MODELS=...; default: the released detectors
+    python space/app.py [--models ID_OR_PATH,...]     # or BAYESFAKE_MODELS=...; default: models.txt next to app.py
+                                                      # (a folder built by space/build.py), else the released ones
                         [--torch-threads N]           # or BAYESFAKE_TORCH_THREADS=N; default 1
+                        [--show-paths]                # print where the code and hub_models come from, and exit
 
 Every detector is loaded once at start through ``hub_models.hub.load_detector`` (``AutoModel.from_pretrained`` with
 ``trust_remote_code=True``); one that fails to load is reported on the page and in ``/models`` while the others work.
@@ -13,13 +15,15 @@ API (``gradio_client``; image files go through ``handle_file``):
     /explain        (image, num_samples=30, detectors=None) -> {"image": {...}, "detectors": {name: saliency map and
                     top features}}
     /models         () -> {"loaded": [{name, config}], "failed": [{name, error}], "torch_threads": N}
-Answers are repeatable: every request samples with the same seed.
+``detectors`` is None (all loaded ones), one name, "name1,name2", or a list of names. Answers are repeatable: every
+request samples with the same seed. A refused request (no image, a file that was not uploaded, a bad T, an unknown
+detector, an unreadable image) answers an error that says why.
 
 This file is the page, the API and the command line; what they compute is in detectors.py, the figures in charts.py.
 """
 
 import argparse
-import importlib.util
+import json
 import logging
 import os
 import sys
@@ -28,28 +32,34 @@ import time
 from functools import cache
 from pathlib import Path
 
-SPACE_DIR = Path(__file__).resolve().parent
-EXAMPLES_DIR = SPACE_DIR / "examples"
-# From a checkout, hub_models sits next to space/; a pushed Space carries its own copy beside app.py.
-if importlib.util.find_spec("hub_models") is None:
-    sys.path.insert(0, str(SPACE_DIR.parent))
+# hub_models comes from this file's own folder when run as a script (python space/app.py: sys.path[0] is space/, where
+# space/hub_models is a symlink to the checkout's ../hub_models; python app.py in a Space folder written by
+# space/build.py, which holds a copy), so a checkout never runs another checkout's package through an editable install.
+# Imported as the package space (python -m space.app, tests), it is the hub_models next to space/ on sys.path.
+import gradio as gr
+import gradio.utils
+import hub_models
+import pandas as pd
+import torch
+from gradio.data_classes import FileData
+from gradio_client.utils import is_file_obj_with_meta, is_http_url_like
 
-import gradio as gr  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-from gradio.data_classes import FileData  # noqa: E402
-
-from hub_models.hub import DEFAULT_REPO_IDS  # noqa: E402
+from hub_models.hub import DEFAULT_REPO_IDS
 
 if __package__:  # imported as the package space (tests, benchmarks)
-    from .charts import batch_charts, explanation_chart, short_label, single_image_charts  # noqa: E402
-    from .detectors import DEFAULT_NUM_SAMPLES, MAX_NUM_SAMPLES, DetectorPool, read_image  # noqa: E402
+    from .charts import batch_charts, explanation_chart, short_label, single_image_charts
+    from .detectors import DEFAULT_NUM_SAMPLES, MAX_NUM_SAMPLES, DetectorPool, read_image
 else:  # run as a script from its own folder: python space/app.py, or app.py in a pushed Space
-    from charts import batch_charts, explanation_chart, short_label, single_image_charts  # noqa: E402
-    from detectors import DEFAULT_NUM_SAMPLES, MAX_NUM_SAMPLES, DetectorPool, read_image  # noqa: E402
+    from charts import batch_charts, explanation_chart, short_label, single_image_charts
+    from detectors import DEFAULT_NUM_SAMPLES, MAX_NUM_SAMPLES, DetectorPool, read_image
 
-
+SPACE_DIR = Path(__file__).resolve().parent
+EXAMPLES_DIR = SPACE_DIR / "examples"
+# The detectors a Space folder serves by default, one repo id or folder a line (space/build.py writes it; a checkout
+# has none and serves the released detectors).
+MODELS_FILE = SPACE_DIR / "models.txt"
 MODELS_ENV = "BAYESFAKE_MODELS"
+log = logging.getLogger("bayesfake.space")
 # torch's intra-op threads when the Space runs as a program (--torch-threads, else this variable, else 1). One thread
 # by default: the detectors are small (one image, 32-128 px), and a team of two or more spin-waits between parallel
 # regions, so it stalls as soon as anything else wants the cores: the page's own decoding and charts, or another
@@ -70,20 +80,77 @@ TABLE_WIDTHS = ["12%", "14%", "11%", "6%", "6%", "7%", "7%", "6%", "4%", "13%", 
 
 
 def uploaded_path(upload) -> str:
-    """The server-side path of an uploaded file (a gradio FileData dict); plain strings are refused, because they would
-    name a file on the server rather than one the client sent."""
+    """The server-side path of an uploaded file (a gradio FileData dict). Plain strings are refused, and so is any path
+    outside gradio's upload folder: the client names a file it sent, never one that lives on the server."""
+    if upload is None:
+        raise ValueError("no image given")
     if isinstance(upload, FileData):
         upload = upload.model_dump()
     if isinstance(upload, dict) and isinstance(upload.get("path"), str):
-        return upload["path"]
+        return check_uploaded(upload["path"])
     raise ValueError("send the image as an uploaded file (gradio_client.handle_file(path)), not as a plain string")
 
 
+def check_uploaded(path: str) -> str:
+    """``path`` if it lies in gradio's upload folder (where /gradio_api/upload and the page put files), else
+    ``ValueError``."""
+    folder = os.path.realpath(gradio.utils.get_upload_folder())
+    if os.path.commonpath([folder, os.path.realpath(path)]) != folder:
+        raise ValueError(f"file was not uploaded to this server: {path} (upload it first: gradio_client.handle_file, "
+                         f"or POST /gradio_api/upload)")
+    return path
+
+
+class SpaceBlocks(gr.Blocks):
+    """``gr.Blocks`` whose API answers a refused request with the reason.
+
+    Gradio checks a call's inputs before the endpoint runs: it wants a value for every parameter, and each file (a
+    FileData dict) must be one uploaded to this server. It answers a failed check with ``{"error": null}`` (a message
+    is shown only for ``gr.Error``, or for every exception with ``launch(show_error=True)``, internal ones included).
+    Here missing trailing inputs take the parameter's default, so ``{"data": []}`` reaches the endpoint, which says
+    "no image given"; a file that was not uploaded is refused by name before gradio would open it; anything else
+    gradio refuses while reading the inputs comes back as a ``gr.Error`` with its message."""
+
+    async def preprocess_data(self, block_fn, inputs, *args, **kwargs):
+        inputs = list(inputs or [])
+        inputs += [getattr(block, "value", None) for block in block_fn.inputs[len(inputs):]]
+        try:
+            for path in sent_file_paths(inputs):
+                check_uploaded(path)
+            return await super().preprocess_data(block_fn, inputs, *args, **kwargs)
+        except gr.Error:
+            raise
+        except Exception as err:  # the client's input was refused: say why
+            raise gr.Error(str(err), print_exception=False) from err
+
+
+def sent_file_paths(value) -> list[str]:
+    """The local paths of the FileData dicts anywhere in a request's inputs (URLs are gradio's to fetch and check)."""
+    if is_file_obj_with_meta(value):
+        return [] if not isinstance(value["path"], str) or is_http_url_like(value["path"]) else [value["path"]]
+    if isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, (list, tuple)):
+        return [path for item in value for path in sent_file_paths(item)]
+    return []
+
+
 def model_ids_from(arg: str | None) -> list[str]:
-    """Comma-separated ids/paths (the --models flag, else BAYESFAKE_MODELS), else the released detectors."""
+    """Comma-separated ids/paths (the --models flag, else BAYESFAKE_MODELS), else the ids in models.txt next to this
+    file (a built Space folder), else the released detectors."""
     text = arg if arg is not None else os.environ.get(MODELS_ENV, "")
     ids = [part.strip() for part in text.split(",") if part.strip()]
+    if not ids and MODELS_FILE.is_file():
+        lines = (line.split("#", 1)[0].strip() for line in MODELS_FILE.read_text().splitlines())
+        ids = [line for line in lines if line]
     return ids or list(DEFAULT_REPO_IDS)
+
+
+def import_paths() -> dict[str, str]:
+    """Where this app's code and its hub_models package were imported from (--show-paths; logged at start)."""
+    return {"app": str(Path(__file__).resolve()),
+            "detectors": str(Path(sys.modules[DetectorPool.__module__].__file__).resolve()),
+            "hub_models": str(Path(hub_models.__file__).resolve().parent)}
 
 
 
@@ -253,8 +320,8 @@ def build_demo(model_ids: list[str]) -> gr.Blocks:
         return status, table, write_batch_csv(table), *charts
 
     # delete_cache: every hour, drop uploads and result files older than a day (a Space runs for weeks).
-    with gr.Blocks(title="BayesFake: AI-generated image detection with uncertainty",
-                   delete_cache=(3600, 86400)) as demo:
+    with SpaceBlocks(title="BayesFake: AI-generated image detection with uncertainty",
+                     delete_cache=(3600, 86400)) as demo:
         gr.Markdown(INTRO)
         gr.Markdown(load_failures_markdown(pool.failed), elem_id="load-errors", visible=bool(pool.failed))
         with gr.Row():
@@ -331,12 +398,18 @@ def positive_int(text: str) -> int:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", help=f"comma-separated repo ids or folders (default: ${MODELS_ENV}, else "
-                                         f"{','.join(DEFAULT_REPO_IDS)})")
+                                         f"{MODELS_FILE.name} next to app.py, else {','.join(DEFAULT_REPO_IDS)})")
     parser.add_argument("--torch-threads", type=positive_int,
                         default=os.environ.get(TORCH_THREADS_ENV, str(DEFAULT_TORCH_THREADS)),  # argparse types it
                         help=f"torch's intra-op threads (default: ${TORCH_THREADS_ENV}, else {DEFAULT_TORCH_THREADS})")
+    parser.add_argument("--show-paths", action="store_true",
+                        help="print where the app's code and its hub_models package are imported from (JSON), and exit")
     args = parser.parse_args(argv)
+    if args.show_paths:
+        print(json.dumps(import_paths(), indent=2))
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    log.info("code: %s", import_paths())
     torch.set_num_threads(args.torch_threads)  # process-wide; before any model is loaded
     demo = build_demo(model_ids_from(args.models))
     # Server name and port come from GRADIO_SERVER_NAME / GRADIO_SERVER_PORT (gradio reads them itself).

@@ -103,13 +103,22 @@ def samples_chart(results: list[dict]) -> Figure:
     return fig
 
 
+def detector_view(image: InputImage, size: tuple[int, int]) -> np.ndarray:
+    """What a detector sees of ``image``: its central square (processors center-crop), resized to ``size``. Cropped
+    first, so the resize never makes more than ``size`` pixels whatever the image's shape."""
+    side = min(image.rgb.size)
+    left, top = (image.rgb.width - side) // 2, (image.rgb.height - side) // 2
+    square = image.rgb.crop((left, top, left + side, top + side))
+    return np.asarray(square.resize(size, Image.Resampling.BICUBIC))
+
+
 def explanation_chart(image: InputImage, explanations: list[dict]) -> Figure:
     """Per detector: where in the image P(FAKE) is most sensitive (saliency over the detector's view of the image),
     and the backbone features that move it most (red pushes towards FAKE, blue towards REAL)."""
     fig = Figure(figsize=(9.0, 2.8 * len(explanations)), layout="constrained")
     for row, e in enumerate(explanations):
         saliency = np.asarray(e["saliency"])
-        view = np.asarray(image.rgb.convert("RGB").resize(saliency.shape[::-1], Image.Resampling.BICUBIC))
+        view = detector_view(image, saliency.shape[::-1])
         ax = fig.add_subplot(len(explanations), 2, 2 * row + 1)
         ax.imshow(view)
         ax.imshow(saliency, cmap="inferno", alpha=0.6, vmin=0, vmax=1)

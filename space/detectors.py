@@ -29,6 +29,12 @@ TOP_FEATURES = 10  # features listed per detector in an explanation
 # than a third of the image.
 SCALE_TOLERANCE = 2.0
 ASPECT_TOLERANCE = 1.5
+# Every detector looks at the central square only. Past this ratio of long to short side, the decoded image is cropped
+# around its centre before the Space does anything else with it: scaling the short side of an 8x100,000 PNG (a few
+# hundred bytes) up to a 128 px input would make 128x1,600,000 pixels (600 MB) on the inference thread, which every
+# other request waits for. The processors crop the same way (image_processing_bayesfake.MAX_ASPECT), so the answers do
+# not change; the Space does it itself for what it draws and for any processor that does not.
+MAX_ASPECT_RATIO = 4
 # Every torch call (loading, preprocessing, forwards) runs on this one thread, for two reasons:
 # - a forward seeds torch's global RNG (fork_rng), which is process-wide: two concurrent forwards would mix their draws
 #   and lose repeatability, so forwards take turns;
@@ -42,6 +48,9 @@ def on_inference_thread(fn, *args, **kwargs):
     """``fn(*args, **kwargs)`` on the inference thread; its result, or its exception."""
     return INFERENCE_THREAD.submit(fn, *args, **kwargs).result()
 
+
+# Which detectors to run: None (all loaded ones), one name, comma-separated names, or a list of names.
+Names = str | list[str] | None
 
 MODE_NAMES = {  # PIL mode -> plain words, for the "not 8-bit RGB" warning
     "1": "1-bit black and white",
@@ -66,21 +75,27 @@ MODE_NAMES = {  # PIL mode -> plain words, for the "not 8-bit RGB" warning
 
 @dataclass
 class InputImage:
-    """An uploaded image decoded to 8-bit RGB, with what the file was (for the out-of-domain warnings)."""
+    """An uploaded image decoded to 8-bit RGB, with what the file was (for the out-of-domain warnings). ``rgb`` is at
+    most MAX_ASPECT_RATIO times as long as it is wide (the central part of the image); ``size`` is the whole image's."""
 
     name: str
     rgb: Image.Image
     mode: str
     format: str | None
     frames: int
+    size: tuple[int, int] | None = None  # (width, height) of the decoded image; None: rgb's
+
+    def __post_init__(self):
+        if self.size is None:
+            self.size = self.rgb.size
 
     @property
     def width(self) -> int:
-        return self.rgb.width
+        return self.size[0]
 
     @property
     def height(self) -> int:
-        return self.rgb.height
+        return self.size[1]
 
     def describe(self) -> dict:
         return dict(name=self.name, width=self.width, height=self.height, mode=self.mode, format=self.format,
@@ -113,7 +128,20 @@ def read_image(path: str, name: str | None = None) -> InputImage:
     if min(rgb.size) < MIN_IMAGE_SIDE:
         raise ValueError(f"{name}: image is only {rgb.width}x{rgb.height} pixels, too small to judge "
                          f"(at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} is needed)")
-    return InputImage(name=name, rgb=rgb, mode=mode, format=file_format, frames=frames)
+    return InputImage(name=name, rgb=central_part(rgb), mode=mode, format=file_format, frames=frames, size=rgb.size)
+
+
+def central_part(image: Image.Image, max_ratio: float = MAX_ASPECT_RATIO) -> Image.Image:
+    """``image`` itself, or its centre cropped to ``max_ratio`` times as long as wide when it is longer than that."""
+    width, height = image.size
+    keep = int(min(width, height) * max_ratio)
+    if max(width, height) <= keep:
+        return image
+    if width > height:
+        left = (width - keep) // 2
+        return image.crop((left, 0, left + keep, height))
+    top = (height - keep) // 2
+    return image.crop((0, top, width, top + keep))
 
 
 def domain_warnings(image: InputImage, config) -> list[str]:
@@ -237,31 +265,38 @@ class DetectorPool:
     def names(self) -> list[str]:
         return list(self.detectors)
 
-    def select(self, names: list[str] | None) -> list[Detector]:
-        """The detectors named (all loaded ones for None); ``ValueError`` for an empty choice or an unknown name."""
+    def select(self, names: Names) -> list[Detector]:
+        """The detectors named: None for all loaded ones, one name, comma-separated names, or a list of names;
+        ``ValueError`` for an empty choice or an unknown name."""
         if not self.detectors:
             raise ValueError("no detector is loaded: " + "; ".join(f"{k} ({v})" for k, v in self.failed.items()))
         if names is None:
             return list(self.detectors.values())
+        if isinstance(names, str):  # one name (a loaded name may itself hold a comma), else "a,b"
+            names = [names] if names in self.detectors else [part.strip() for part in names.split(",")
+                                                              if part.strip()]
+        if not isinstance(names, (list, tuple)) or not all(isinstance(name, str) for name in names):
+            raise ValueError(f"detectors must be a detector name or a list of names; got {names!r}")
         unknown = [name for name in names if name not in self.detectors]
         if unknown:
-            raise ValueError(f"unknown detector(s) {unknown}; loaded: {self.names}")
+            raise ValueError(f"unknown detector(s): {', '.join(map(repr, unknown))}; loaded: "
+                             f"{', '.join(map(repr, self.names))}")
         if not names:
             raise ValueError("choose at least one detector")
         return [self.detectors[name] for name in names]
 
-    def analyse(self, image: InputImage, num_samples, names: list[str] | None = None) -> dict:
+    def analyse(self, image: InputImage, num_samples, names: Names = None) -> dict:
         """What ``/predict`` answers for one decoded image."""
         detectors = self.select(names)
         num_samples = checked_num_samples(num_samples)
         return {"image": image.describe(),
                 "detectors": {d.name: d.predict(image, num_samples) for d in detectors}}
 
-    def explain(self, image: InputImage, num_samples, names: list[str] | None = None) -> dict:
+    def explain(self, image: InputImage, num_samples, names: Names = None) -> dict:
         """What ``/explain`` answers for one decoded image."""
         return self.analyse_and_explain(image, num_samples, names)[1]
 
-    def analyse_and_explain(self, image: InputImage, num_samples, names: list[str] | None = None) -> tuple[dict, dict]:
+    def analyse_and_explain(self, image: InputImage, num_samples, names: Names = None) -> tuple[dict, dict]:
         """What ``/predict`` and ``/explain`` answer for one decoded image, running each detector once (the page)."""
         detectors = self.select(names)
         num_samples = checked_num_samples(num_samples)
@@ -271,7 +306,7 @@ class DetectorPool:
         described = image.describe()
         return {"image": described, "detectors": answers}, {"image": described, "detectors": explanations}
 
-    def analyse_files(self, paths: list[str], num_samples, names: list[str] | None = None) -> list[dict]:
+    def analyse_files(self, paths: list[str], num_samples, names: Names = None) -> list[dict]:
         """One answer per file; a file that cannot be read gives ``{"file", "error"}`` and the others still run."""
         if not paths:
             raise ValueError("no images given")
