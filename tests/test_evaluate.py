@@ -1,4 +1,5 @@
-"""Evaluation: metrics with known answers, temperature / threshold / reject fitting, reports, the end-to-end flow."""
+"""Evaluation: metrics with known answers, temperature / threshold / reject fitting, reports, the end-to-end flow, and
+the validation split read back from the run (refused when it does not match)."""
 
 import json
 import math
@@ -10,7 +11,13 @@ import torch
 from hub_models import BayesFakeConfig, BayesFakeDetector
 from train import evaluate
 from train.calibration import choose_reject_entropy, choose_thresholds, fit_temperature, mc_log_predictive
-from train.evaluate import Predictions, calibrate_and_evaluate, compute_metrics, predict, write_report
+from train.data import decode_processor, load_splits
+from train.evaluate import calibrate_and_evaluate
+from train.metrics import compute_metrics
+from train.prediction import Predictions, predict
+from train.report import write_report
+
+from test_train import make_image_folder
 
 PLOTS = {"reliability.png", "risk_coverage.png", "uncertainty_hist.png", "confusion_matrix.png", "roc.png"}
 
@@ -231,19 +238,30 @@ def test_calibrate_and_evaluate_end_to_end(tmp_path):
     config.validate_bayesfake()
 
 
+def trained_folder(tmp_path, record_split: bool = True):
+    """A tiny detector exported as training leaves it: OUT/final with train_history.json recording its split."""
+    from hub_models.export import export_detector
+
+    data = make_image_folder(tmp_path / "data", n_per_class=60, corrupt=0)
+    model = tiny_model()
+    model_dir = export_detector(model, tmp_path / "run" / "final")
+    split = load_splits(str(data), decode_processor(model.config), val_fraction=0.3, seed=4).record
+    train_config = {"data": str(data), "val_fraction": 0.3, "seed": 4}
+    record = {"train_config": train_config, "history": [], **({"split": split} if record_split else {})}
+    (model_dir / "train_history.json").write_text(json.dumps(record))
+    return model_dir, record
+
+
 def test_cli_calibrates_evaluates_and_exports(tmp_path, monkeypatch):
     from transformers import AutoModel
 
-    import train.data
-    from hub_models.export import export_detector
-
-    model_dir = export_detector(tiny_model(), tmp_path / "trained")
-    splits = {"train": random_split(8, 4), "val": random_split(40, 5), "test": random_split(50, 6)}
-    monkeypatch.setattr(train.data, "load_splits", lambda *args, **kwargs: splits)
+    monkeypatch.setenv("BAYESFAKE_CACHE", str(tmp_path / "cache"))
+    model_dir, record = trained_folder(tmp_path)
     out, exported = tmp_path / "eval", tmp_path / "released"
     report = evaluate.main([str(model_dir), "--out", str(out), "--export", str(exported), "--max-eval", "30",
                             "--num-samples", "3"])
     assert report["metrics"]["meta/n"] == 30 and report["name"] == "released"
+    assert report["calibration"]["val_n"] == 30  # the recorded split (36 images) re-derived, then subsampled
     assert json.loads((out / "report.json").read_text())["metrics"]["cls/acc"] == report["metrics"]["cls/acc"]
     reloaded = AutoModel.from_pretrained(exported, trust_remote_code=True)
     assert reloaded.config.threshold == pytest.approx(report["thresholds"]["chosen"])
@@ -251,3 +269,26 @@ def test_cli_calibrates_evaluates_and_exports(tmp_path, monkeypatch):
     assert reloaded.config.metrics["cls/acc"] == report["metrics"]["cls/acc"]
     assert (exported / "reliability.png").is_file()
     assert "python -m train.evaluate" in (exported / "README.md").read_text()
+    assert json.loads((exported / "train_history.json").read_text()) == record  # the record ships with the weights
+
+
+def test_evaluation_refuses_a_validation_split_other_than_the_recorded_one(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("BAYESFAKE_CACHE", str(tmp_path / "cache"))
+    model_dir, record = trained_folder(tmp_path)
+    model = tiny_model()
+    splits = evaluate.evaluation_data(model, record, "test", progress=False)
+    expected = load_splits(record["train_config"]["data"], decode_processor(model.config), 0.3, 4)
+    assert np.array_equal(splits["val"][0], expected["val"][0]) and len(splits["test"][1]) == 36
+    # The data changed under the run (an image removed): another validation split, refused.
+    next((tmp_path / "data" / "REAL").glob("*.png")).unlink()
+    with pytest.raises(ValueError, match="not the one the run recorded"):
+        evaluate.main([str(model_dir), "--out", str(tmp_path / "eval")])
+    with pytest.raises(ValueError, match="recorded its validation split with seed=4; got 5"):
+        evaluate.evaluation_data(model, record, "test", split_seed=5)
+    # No record: the split must be given by hand.
+    (model_dir / "train_history.json").unlink()
+    with pytest.raises(ValueError, match="pass --val-fraction and --split-seed"):
+        evaluate.main([str(model_dir), "--out", str(tmp_path / "eval")])
+    # A record written before the hash existed gives its config's fraction and seed, unchecked (with a warning).
+    legacy = evaluate.evaluation_data(model, {"train_config": record["train_config"]}, "test", progress=False)
+    assert len(legacy["val"][1]) == 36 and "unchecked" in caplog.text  # round(59 x 0.3) + round(60 x 0.3)

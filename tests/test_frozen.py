@@ -1,6 +1,6 @@
 """Pretrained-backbone detectors: the Gaussian NB head, the feature path, explanations, and the frozen-head pipeline
-(feature cache that resumes, head training, search table, release folder that reproduces its report), all on a tiny
-random timm backbone."""
+(feature cache that resumes, head training and its resume, closed-form Gaussian NB, search table, release folder that
+reproduces its report), all on a tiny random timm backbone."""
 
 import json
 
@@ -13,13 +13,18 @@ from sklearn.naive_bayes import GaussianNB
 from transformers import AutoModel
 
 import train.features as features_mod
+import train.trainer as trainer_mod
 from hub_models import BayesFakeConfig, BayesFakeDetector, BayesFakeImageProcessor
-from train.data import load_splits
+from train import evaluate
+from train import train as train_cli
+from train.config import TrainConfig, load_config
+from train.data import decode_processor, load_splits
+from train.evaluate import evaluation_data
 from train.features import preprocess_uint8
-from train.frozen import FrozenHeadConfig, build_model, feature_splits, run, run_search
-from train.hpsearch import parse_grid
+from train.search import parse_grid, run_search
+from train.trainer import build_model, load_data, train
 
-from test_train import make_image_folder
+from test_train import make_image_folder, same_weights
 
 TINY_TIMM = "test_efficientnet"  # timm's own ~100k-parameter test network, 256-d features
 
@@ -61,7 +66,7 @@ def test_forward_equals_forward_features(one_thread):
     from_pixels = model(x, num_samples=7, seed=3)
     from_features = model.forward_features(model.backbone(x), num_samples=7, seed=3)
     torch.testing.assert_close(from_pixels.sample_probs, from_features.sample_probs)
-    with pytest.raises(ValueError, match=r"features must be a float tensor \[B, 256\]"):
+    with pytest.raises(ValueError, match=r"features must be a (non-empty )?float tensor \[B, 256\]"):
         model.forward_features(torch.zeros(2, 5))
 
 
@@ -92,8 +97,9 @@ def test_explain_gives_the_gradients_of_p_fake(one_thread):
 
 
 def write_frozen_config(tmp_path, data, weights, **overrides):
-    cfg = dict(name="tiny-frozen", data=str(data), backbone_weights=str(weights), out_dir=str(tmp_path / "run"),
-               max_train=0, val_fraction=0.2, epochs=3, batch_size=8, val_samples=4, threads=1,
+    cfg = dict(name="tiny-frozen", data=str(data), features=True, backbone_weights=str(weights),
+               out_dir=str(tmp_path / "run"), max_train=0, val_fraction=0.2, epochs=3, batch_size=8, val_samples=4,
+               optimizer="adam", lr=1e-3, lr_schedule="constant", drop_last=False, threads=1,
                model=dict(backbone=TINY_TIMM, image_size=48, head="mc_dropout", head_hidden=[16], dropout=0.3,
                           num_samples=6))
     cfg.update(overrides)
@@ -103,22 +109,27 @@ def write_frozen_config(tmp_path, data, weights, **overrides):
 
 
 def test_frozen_pipeline_releases_a_model_that_reproduces_its_report(tmp_path, backbone_file, monkeypatch, one_thread):
+    """train.train on a frozen-backbone config, then train.evaluate on its final folder (the split read back from
+    the run, the features from the training's cache), then the release reproduces the report from pixels."""
     monkeypatch.setenv("BAYESFAKE_CACHE", str(tmp_path / "cache"))
     data = make_image_folder(tmp_path / "data", n_per_class=20, corrupt=0)
-    cfg = FrozenHeadConfig.from_file(write_frozen_config(tmp_path, data, backbone_file, decode_size=32))
+    cfg = load_config(write_frozen_config(tmp_path, data, backbone_file, decode_size=32))
+    result = train(cfg, progress=False)
+    assert len(result.history) == 3 and result.val[0].dtype == np.float32  # trained and validated on features
     export = tmp_path / "hub" / "tiny-frozen"
-    result = run(cfg, split="test", export=str(export), command="pytest", progress=False)
-    report = result["report"]
+    report = evaluate.main([str(result.final), "--split", "test", "--export", str(export), "--command", "pytest"])
     assert "feature_pca.png" in report["plots"] and (export / "feature_pca.png").is_file()
-    assert (export / "train_history.json").is_file() and len(result["history"]) == 3
+    assert json.loads((export / "train_history.json").read_text()) == result.record
     assert json.loads((export / "eval_report.json").read_text())["metrics"] == report["metrics"]
+    # train, val and test features, each extracted once: evaluation reused the validation features of training.
+    assert len(list((tmp_path / "cache" / "features").glob("*/*"))) == 3
 
     # The released folder is the whole detector (backbone weights included): from the pixels a user sends, it gives
     # what the report measured on the feature cache.
     model = AutoModel.from_pretrained(export, trust_remote_code=True).eval()
     assert model.config.calibration_temperature == report["calibration"]["temperature"]
-    images, labels = load_splits(str(data), 0.2, 0, size=32)["test"]
-    cached, cached_labels = feature_splits(cfg, build_model(cfg)[0], progress=False)["test"]
+    images, labels = load_splits(str(data), decode_processor(model.config, 32), 0.2, 0)["test"]
+    cached, cached_labels = evaluation_data(model, result.record, "test", progress=False)["test"]
     np.testing.assert_array_equal(labels, cached_labels)
     with torch.no_grad():
         pixels = preprocess_uint8(BayesFakeImageProcessor.from_config(model.config), images)
@@ -134,7 +145,7 @@ def test_feature_cache_resumes_after_an_interruption(tmp_path, backbone_file, mo
     monkeypatch.setenv("BAYESFAKE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(features_mod, "CHUNK", 4)
     data = make_image_folder(tmp_path / "data", n_per_class=10, corrupt=0)
-    cfg = FrozenHeadConfig.from_file(write_frozen_config(tmp_path, data, backbone_file))
+    cfg = load_config(write_frozen_config(tmp_path, data, backbone_file))
     model, _ = build_model(cfg)
     calls = {"n": 0}
     forward = model.backbone.forward
@@ -147,28 +158,83 @@ def test_feature_cache_resumes_after_an_interruption(tmp_path, backbone_file, mo
 
     monkeypatch.setattr(model.backbone, "forward", crash_on_third_chunk)
     with pytest.raises(KeyboardInterrupt):
-        feature_splits(cfg, model, progress=False)
+        load_data(cfg, model, progress=False)
     folders = list((tmp_path / "cache" / "features").glob("*/train"))
     assert len(folders) == 1 and len(list(folders[0].glob("chunk_*.npy"))) == 2  # the two finished chunks are kept
     calls["n"] = -1000  # no more crashes
-    resumed = feature_splits(cfg, model, progress=False)
+    resumed = load_data(cfg, model, progress=False)
     assert calls["n"] < -990  # the two cached chunks were not recomputed: only the rest ran
     fresh, _ = build_model(cfg)
-    splits = load_splits(str(data), 0.2, 0, size=48)
-    for split, (feats, labels) in resumed.items():
+    processor = decode_processor(fresh.config)
+    splits = load_splits(str(data), processor, 0.2, 0)
+    for split, (feats, labels) in {"train": resumed.train, "val": resumed.val}.items():
         with torch.no_grad():
             expected = fresh.backbone(preprocess_uint8(BayesFakeImageProcessor.from_config(fresh.config),
                                                        splits[split][0]))
-        np.testing.assert_allclose(feats, expected.numpy(), atol=1e-4)
-        np.testing.assert_array_equal(labels, splits[split][1])
+        np.testing.assert_allclose(np.asarray(feats), expected.numpy(), atol=1e-4)
+        np.testing.assert_array_equal(np.asarray(labels), splits[split][1])
+    # Another decode size is another set of images: never served from this cache.
+    other = load_config(write_frozen_config(tmp_path, data, backbone_file, decode_size=32))
+    load_data(other, fresh, progress=False)
+    assert len(list((tmp_path / "cache" / "features").glob("*/train"))) == 2
+
+
+def test_a_feature_run_resumes_bit_exact(tmp_path, backbone_file, monkeypatch, one_thread):
+    """The same loop, checkpoints and resume as a pixel run: interrupted in epoch 2 and resumed, a head trained on
+    cached features equals the uninterrupted one bit for bit."""
+    monkeypatch.setenv("BAYESFAKE_CACHE", str(tmp_path / "cache"))
+    data = make_image_folder(tmp_path / "data", n_per_class=12, corrupt=0)
+    path = write_frozen_config(tmp_path, data, backbone_file, ckpt_every=2)
+    full = train(load_config(path, [f"out_dir={tmp_path / 'full'}"]), progress=False)
+    real_lr_at, calls = trainer_mod.lr_at, []
+
+    def crash(step, steps_per_epoch, c):
+        calls.append(step)
+        if len(calls) == steps_per_epoch + 3:  # in epoch 2, after its step-2 checkpoint
+            raise KeyboardInterrupt
+        return real_lr_at(step, steps_per_epoch, c)
+
+    cfg = load_config(path, [f"out_dir={tmp_path / 'broken'}"])
+    monkeypatch.setattr(trainer_mod, "lr_at", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, progress=False)
+    monkeypatch.setattr(trainer_mod, "lr_at", real_lr_at)
+    resumed = train(cfg, resume=True, progress=False)
+    assert same_weights(full.model.state_dict(), resumed.model.state_dict())
+    assert [h["val/nll"] for h in full.history] == [h["val/nll"] for h in resumed.history]
+    # Only the head trained: the backbone is the pretrained file's, bit for bit.
+    from safetensors.torch import load_file
+
+    pretrained = load_file(str(backbone_file))
+    assert all(torch.equal(v, pretrained[k]) for k, v in resumed.model.backbone.model.state_dict().items())
+
+
+def test_gaussian_nb_is_fitted_in_closed_form_by_the_same_entry_point(tmp_path, backbone_file, monkeypatch,
+                                                                       one_thread):
+    monkeypatch.setenv("BAYESFAKE_CACHE", str(tmp_path / "cache"))
+    data = make_image_folder(tmp_path / "data", n_per_class=12, corrupt=0)
+    path = write_frozen_config(tmp_path, data, backbone_file, gnb_var_smoothing=0.01,
+                               model=dict(backbone=TINY_TIMM, image_size=48, head="gaussian_nb", head_hidden=[],
+                                          dropout=0.0, num_samples=1))
+    train_cli.main([str(path)])  # python -m train.train CONFIG, on a frozen-backbone config
+    history = json.loads((tmp_path / "run" / "history.json").read_text())
+    assert [h["epoch"] for h in history["history"]] == [1] and history["split"]["val_sha256"]
+    cfg = load_config(path)
+    features, labels = load_data(cfg, build_model(cfg)[0], progress=False).train
+    reference = GaussianNB(var_smoothing=0.01).fit(features.numpy(), labels.numpy())
+    model = AutoModel.from_pretrained(tmp_path / "run" / "final", trust_remote_code=True)
+    np.testing.assert_allclose(model.head.theta.numpy(), reference.theta_, rtol=1e-5, atol=1e-6)
 
 
 def test_frozen_search_table(tmp_path, backbone_file, monkeypatch, one_thread):
     monkeypatch.setenv("BAYESFAKE_CACHE", str(tmp_path / "cache"))
     data = make_image_folder(tmp_path / "data", n_per_class=12, corrupt=0)
     path = write_frozen_config(tmp_path, data, backbone_file, epochs=2)
-    rows = run_search(str(path), parse_grid(["model.dropout=0.1,0.5", "model.head_hidden=[8],[16]"]), [])
-    assert len(rows) == 4 and rows[0]["val/nll"] <= rows[-1]["val/nll"]
+    grid = parse_grid(["model.dropout=0.1,0.5", "model.head_hidden=[8],[16]"])
+    rows = run_search(str(path), grid, [], tmp_path / "search")
+    assert len(rows) == 4 and rows[0]["val/nll_calibrated"] <= rows[-1]["val/nll_calibrated"]
+    # Every point trained on the same cached features: one extraction of train and one of val.
+    assert len(list((tmp_path / "cache" / "features").glob("*/*"))) == 2
 
 
 @pytest.mark.parametrize("name, size, width", [("legacy_xception.tf_in1k", 299, 2048),
@@ -191,8 +257,6 @@ def test_fine_tuning_starts_from_the_pretrained_backbone(tmp_path, backbone_file
     """train.train with backbone_weights: the whole detector trains, starting from the given ImageNet weights."""
     from safetensors.torch import load_file
 
-    from train.train import TrainConfig, train
-
     monkeypatch.setenv("BAYESFAKE_CACHE", str(tmp_path / "cache"))
     data = make_image_folder(tmp_path / "data", n_per_class=12, corrupt=0)
     base = dict(name="tiny-ft", data=str(data), backbone_weights=str(backbone_file), epochs=1, batch_size=8,
@@ -201,11 +265,11 @@ def test_fine_tuning_starts_from_the_pretrained_backbone(tmp_path, backbone_file
     pretrained = load_file(str(backbone_file))
 
     frozen_lr = TrainConfig(**{**base, "lr": 0.0, "out_dir": str(tmp_path / "lr0")})
-    model = AutoModel.from_pretrained(train(frozen_lr), trust_remote_code=True)
+    model = AutoModel.from_pretrained(train(frozen_lr, progress=False).final, trust_remote_code=True)
     params = dict(model.backbone.model.named_parameters())
     assert all(torch.equal(params[k], pretrained[k]) for k in params)  # lr 0: exactly the file's weights
 
     tuned = TrainConfig(**{**base, "lr": 1e-2, "out_dir": str(tmp_path / "ft")})
-    model = AutoModel.from_pretrained(train(tuned), trust_remote_code=True)
+    model = AutoModel.from_pretrained(train(tuned, progress=False).final, trust_remote_code=True)
     params = dict(model.backbone.model.named_parameters())
     assert any(not torch.equal(params[k], pretrained[k]) for k in params)  # the backbone itself was trained

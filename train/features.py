@@ -1,4 +1,5 @@
-"""Backbone feature cache: a frozen backbone runs once per (backbone, weights, resolution, split) and every head reuses it.
+"""Backbone feature cache: a frozen backbone runs once per (backbone, weights, preprocessing, images) and every head,
+search point and evaluation reuses it.
 
 Images go through the detector's own image processor (PIL resize to the backbone's resolution, its normalisation),
 exactly as at inference, then through ``model.backbone`` in eval mode. Features are written in chunks, each atomically,
@@ -18,7 +19,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from hub_models import BayesFakeImageProcessor
-from train.data import default_cache_dir
+from train.data import Split, decode_key, default_cache_dir
 
 CHUNK = 1024
 
@@ -54,7 +55,8 @@ def _weights_digest(model) -> str:
 
 
 def cache_folder(model, data_key: str, cache_dir: Path | str | None = "auto") -> Path:
-    """One folder per backbone, weights, preprocessing and data: changing any of them never reuses stale features."""
+    """One folder per backbone, weights, preprocessing and data (``data_key``: which images, decoded how): changing any
+    of them never reuses stale features."""
     cfg = model.config
     ident = json.dumps([cfg.backbone, _weights_digest(model), cfg.image_size, cfg.resample, cfg.image_mean,
                         cfg.image_std, data_key, "v1"])
@@ -110,3 +112,20 @@ def extract_features(model, images: np.ndarray, folder: Path, batch_size: int = 
     for chunk_file in folder.glob("chunk_*.npy"):
         chunk_file.unlink()
     return features
+
+
+def split_features(model, splits: dict[str, Split], record: dict, processor: BayesFakeImageProcessor,
+                   max_train: int = 0, progress: bool = True) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{split: (features float32 [N, D], labels)} of the uint8 ``splits`` that ``processor`` decoded from the source in
+    ``record`` (``train.data.load_splits``), extracted once and cached. The cache key holds the source, the decoding,
+    the validation split's hash and, for train, the ``max_train`` subset."""
+    source = Path(record["data"])
+    ident = str(source.resolve()) if source.exists() else record["data"]
+    out = {}
+    for split, (images, labels) in splits.items():
+        key = json.dumps({"data": ident, "decode": decode_key(processor), "seed": record["seed"],
+                          "val_sha256": record["val_sha256"], "split": split,
+                          "max_train": max_train if split == "train" else 0}, sort_keys=True)
+        folder = cache_folder(model, key) / split
+        out[split] = (extract_features(model, images, folder, desc=f"features {split}", progress=progress), labels)
+    return out
