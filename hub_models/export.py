@@ -1,12 +1,24 @@
 """Turn a trained detector into a complete Hugging Face Hub repo folder, and publish it.
 
     python -m hub_models.export MODEL_DIR OUT_DIR [--report eval/report.json] [--plots a.png ...]
-        [--command "the command that reproduced it"] [--repo-id bayesfake/NAME] [--push]
+        [--command "the command that reproduced it"] [--version 1.2.0] [--repo-id bayesfake/NAME] [--push]
 
 MODEL_DIR is a folder written by ``save_pretrained`` (training writes ``final/``). The folder gets ``config.json`` (with
-``auto_map`` for AutoConfig, AutoModel and AutoModelForImageClassification), ``model.safetensors``, the configuration,
-modeling and image-processing files copied from this package (the one source of truth), ``preprocessor_config.json``,
+``auto_map`` for AutoConfig, AutoModel and AutoModelForImageClassification), the weights, the configuration, modeling
+and image-processing code of this package, ``preprocessor_config.json``, ``golden_outputs.json`` (``hub_models.golden``),
 the evaluation report and plots, and a model card ``README.md`` with YAML metadata and the measured metrics.
+
+One source for the code: a folder exported into this package's own directory (a bundled release, ``hub_models/NAME``)
+gets the code files as relative symlinks to ``hub_models/*.py``, so git holds the model code once and the folder still
+loads with ``trust_remote_code=True`` (transformers copies the files it finds there, following the links). Anywhere
+else, and for the Hub (``write_hub_folder``, ``publish``), they are real files: a pushed repo is self-contained.
+
+Weights: a detector on a timm backbone is stored as two shards, ``model-backbone.safetensors`` and
+``model-head.safetensors``, with ``model.safetensors.index.json``; the releases that share a frozen backbone then hold
+byte-identical backbone shards, one blob in git. The from-scratch CNNs keep one ``model.safetensors``.
+
+Releases are immutable: exporting over a folder whose golden outputs differ from the new ones is refused unless the
+version changes (``--version``).
 """
 
 from __future__ import annotations
@@ -14,14 +26,25 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
-from .configuration_bayesfake import BayesFakeConfig
-from .hub import CODE_FILES, HUB_MODELS_DIR, HUB_ORG, check_repo_folder
+from safetensors.torch import save_file
+
+from .configuration_bayesfake import SCRATCH_CNN, BayesFakeConfig
+from .golden import GOLDEN_FILE, GOLDEN_NUM_IMAGES, GOLDEN_NUM_SAMPLES, GOLDEN_SEED, compute_golden, differences
+from .hub import CODE_FILES, HUB_MODELS_DIR, HUB_ORG, WEIGHTS_FILE, WEIGHTS_INDEX, check_repo_folder
 from .image_processing_bayesfake import BayesFakeImageProcessor
+
+SHARDS = {"backbone.": "model-backbone.safetensors", "": "model-head.safetensors"}  # first matching prefix wins
+
+
+class ReleaseChangedError(ValueError):
+    """Exporting would change a released detector's outputs under the same version."""
 
 AUTO_MAP = {
     "AutoConfig": "configuration_bayesfake.BayesFakeConfig",
@@ -42,38 +65,111 @@ CARD_METRICS = (
 
 
 def export_detector(model, out_dir: str | Path, report: dict | None = None, plots: list[str | Path] = (),
-                    command: str = "", repo_id: str | None = None) -> Path:
+                    command: str = "", repo_id: str | None = None, version: str | None = None,
+                    notes: str = "") -> Path:
     """Write a complete Hub repo folder for ``model`` (a ``BayesFakeDetector``) and return its path.
 
     ``report`` is the evaluation report (``train.evaluate``): its ``metrics`` go into the config and the card.
+    ``version`` sets ``config.release_version``; ``notes`` (plain words: what changed) go into the card's release
+    section. Raises ``ReleaseChangedError`` (writing nothing) when ``out_dir``
+    holds golden outputs of the same version that the model no longer gives.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     repo_id = repo_id or f"{HUB_ORG}/{out.name}"
     config: BayesFakeConfig = model.config
+    if version is not None:
+        config.release_version = version
+    config.validate_bayesfake()  # fields may have been set after construction (a version, a fitted threshold)
+    golden = compute_golden(model)
+    check_release_unchanged(out, golden)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in CODE_FILES:  # save_pretrained copies the code in: it must not write through a link into the source
+        (out / name).unlink(missing_ok=True)
     if report is not None:
         config.metrics = {k: v for k, v in report["metrics"].items() if isinstance(v, (int, float))}
     model.save_pretrained(out)
+    if config.backbone != SCRATCH_CNN:
+        shard_weights(out)
+    else:  # a previous sharded export in the same folder must not shadow the new single file
+        for stale in (WEIGHTS_INDEX, *SHARDS.values()):
+            (out / stale).unlink(missing_ok=True)
     # save_pretrained records only the last auto class registered; write every entry so both loaders work.
     config_path = out / "config.json"
     saved = json.loads(config_path.read_text())
     saved["auto_map"] = AUTO_MAP
     config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
-    for name in CODE_FILES:
-        shutil.copyfile(HUB_MODELS_DIR / name, out / name)
     BayesFakeImageProcessor.from_config(config).save_pretrained(out)
-    for name in CODE_FILES:  # save_pretrained may have copied code files; keep the package's bytes exactly
-        shutil.copyfile(HUB_MODELS_DIR / name, out / name)
+    write_code_files(out)  # after save_pretrained, which may copy code files of its own
     for plot in plots:
-        shutil.copyfile(plot, out / Path(plot).name)
+        if Path(plot).resolve() != (out / Path(plot).name).resolve():
+            shutil.copyfile(plot, out / Path(plot).name)
     if report is not None:
         (out / "eval_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    model_card(config, report, [Path(p).name for p in plots], command, repo_id).save(out / "README.md")
+    (out / GOLDEN_FILE).write_text(json.dumps(golden, indent=1) + "\n")
+    model_card(config, report, [Path(p).name for p in plots], command, repo_id, notes).save(out / "README.md")
+    return check_repo_folder(out)
+
+
+def check_release_unchanged(out: Path, golden: dict) -> None:
+    """Refuse to overwrite the golden outputs of a version with different ones."""
+    path = out / GOLDEN_FILE
+    if not path.is_file():
+        return
+    previous = json.loads(path.read_text())
+    if previous.get("release_version") != golden["release_version"]:
+        return
+    found = differences(previous, golden)
+    if found:
+        raise ReleaseChangedError(
+            f"{out}: version {golden['release_version']!r} was released with other outputs ({'; '.join(found)}); "
+            "a changed detector needs a new version (--version)")
+
+
+def shard_weights(folder: Path) -> None:
+    """Replace ``model.safetensors`` by one shard per ``SHARDS`` prefix and the index transformers loads them by."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(folder / WEIGHTS_FILE)
+    shards: dict[str, dict] = {name: {} for name in SHARDS.values()}
+    weight_map = {}
+    for key, tensor in tensors.items():
+        name = next(shard for prefix, shard in SHARDS.items() if key.startswith(prefix))
+        shards[name][key] = tensor.contiguous()
+        weight_map[key] = name
+    total = 0
+    for name, part in shards.items():
+        if part:
+            save_file(part, folder / name, metadata={"format": "pt"})
+            total += sum(t.numel() * t.element_size() for t in part.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    (folder / WEIGHTS_FILE).unlink()
+
+
+def write_code_files(out: Path) -> None:
+    """The model code of this package in ``out``: relative symlinks inside ``hub_models/``, real files elsewhere."""
+    linked = out.resolve().parent == HUB_MODELS_DIR
+    for name in CODE_FILES:
+        target = out / name
+        target.unlink(missing_ok=True)
+        if linked:
+            target.symlink_to(Path("..") / name)
+        else:
+            shutil.copyfile(HUB_MODELS_DIR / name, target)
+
+
+def write_hub_folder(folder: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """A self-contained copy of a detector folder (links resolved into real files), ready to push or ship."""
+    folder = check_repo_folder(folder)
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty")
+    shutil.copytree(folder, out, symlinks=False, dirs_exist_ok=True)
     return check_repo_folder(out)
 
 
 def model_card(config: BayesFakeConfig, report: dict | None, plot_names: list[str], command: str,
-               repo_id: str) -> ModelCard:
+               repo_id: str, notes: str = "") -> ModelCard:
     metrics = (report or {}).get("metrics", {})
     split = (report or {}).get("split", "test")
     dataset = (report or {}).get("dataset", "CIFAKE")
@@ -139,6 +235,12 @@ why = model.explain(inputs["pixel_values"])  # saliency map [B, H, W] and featur
 
 {plots}
 
+## Release
+
+Version: {config.release_version or "unreleased"}. `{GOLDEN_FILE}` holds what this version answers on {GOLDEN_NUM_IMAGES}
+seeded inputs (`hub_models.golden`, T={GOLDEN_NUM_SAMPLES}, seed {GOLDEN_SEED}): the project's tests recompute it, so its
+outputs change only with a new version. {notes}
+
 ## Reproduce
 
 ```bash
@@ -160,9 +262,11 @@ def publish(folder: str | Path, repo_id: str, token: str | None = None, private:
     """Create the Hub repo and upload the folder; return the commit hash to pin as ``revision``."""
     folder = check_repo_folder(folder)
     api = HfApi(token=token)
-    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
-                             commit_message=commit_message)
+    with tempfile.TemporaryDirectory() as tmp:
+        hub_ready = write_hub_folder(folder, Path(tmp) / folder.name)  # links become files: the repo stands alone
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        info = api.upload_folder(folder_path=str(hub_ready), repo_id=repo_id, repo_type="model",
+                                 commit_message=commit_message)
     return info.oid
 
 
@@ -173,14 +277,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--report", help="evaluation report JSON (train.evaluate)")
     parser.add_argument("--plots", nargs="*", default=[], help="PNG plots to include and show in the card")
     parser.add_argument("--command", default="", help="the command that reproduces the model")
+    parser.add_argument("--version", help="release version MAJOR.MINOR.PATCH (needed when the outputs change)")
+    parser.add_argument("--notes", default="", help="what this version changed, in plain words (the card's release notes)")
     parser.add_argument("--repo-id", help=f"Hub repo id (default {HUB_ORG}/OUT_DIR_NAME)")
     parser.add_argument("--push", action="store_true", help="create the Hub repo and upload the folder")
     args = parser.parse_args(argv)
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(args.model_dir, trust_remote_code=True)
+    # Weights in memory, not memory-mapped from MODEL_DIR: re-exporting a release over its own folder rewrites them.
+    model.load_state_dict({key: value.clone() for key, value in model.state_dict().items()})
     report = json.loads(Path(args.report).read_text()) if args.report else None
-    out = export_detector(model, args.out_dir, report, args.plots, args.command, args.repo_id)
+    out = export_detector(model, args.out_dir, report, args.plots, args.command, args.repo_id, args.version,
+                          args.notes)
     print(f"wrote {out}")
     if args.push:
         repo_id = args.repo_id or f"{HUB_ORG}/{out.name}"

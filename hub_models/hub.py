@@ -8,6 +8,7 @@ bundled folder under ``hub_models/``.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -17,7 +18,11 @@ from huggingface_hub import constants, snapshot_download
 
 HUB_MODELS_DIR = Path(__file__).resolve().parent
 CODE_FILES = ("configuration_bayesfake.py", "modeling_bayesfake.py", "image_processing_bayesfake.py")
-REQUIRED_FILES = ("config.json", "model.safetensors", "preprocessor_config.json", *CODE_FILES)
+REQUIRED_FILES = ("config.json", "preprocessor_config.json", *CODE_FILES)
+# Weights: one file, or shards listed by an index (a released detector stores its backbone and its head apart, so the
+# releases that share a frozen backbone share one byte-identical shard).
+WEIGHTS_FILE = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
 HUB_ORG = "bayesfake"
 # Repo ids of the released detectors, in the order the Space shows them; each has a bundled folder of the same name.
 RELEASED = ("cifake-mcdropout-cnn", "cifake-vi-bcnn",
@@ -40,9 +45,18 @@ def check_repo_folder(folder: str | os.PathLike) -> Path:
     if not folder.is_dir():
         raise IncompleteRepoError(f"{folder} is not a folder")
     missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
+    missing += [name for name in weight_files(folder) if not (folder / name).is_file()]
     if missing:
         raise IncompleteRepoError(f"detector folder {folder} is incomplete: missing {', '.join(missing)}")
     return folder
+
+
+def weight_files(folder: Path) -> list[str]:
+    """The weight files a detector folder needs: the shards its index lists, else ``model.safetensors``."""
+    index = folder / WEIGHTS_INDEX
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values())) + [WEIGHTS_INDEX]
+    return [WEIGHTS_FILE]
 
 
 def bundled_folder(repo_id: str) -> Path | None:

@@ -3,6 +3,7 @@
 import json
 import shutil
 import socket
+from pathlib import Path
 
 import huggingface_hub
 import pytest
@@ -14,7 +15,8 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelFor
 
 import hub_models.export as export
 from hub_models.configuration_bayesfake import BayesFakeConfig
-from hub_models.export import AUTO_MAP, export_detector, main, publish
+from hub_models.export import AUTO_MAP, ReleaseChangedError, export_detector, main, publish, write_hub_folder
+from hub_models.golden import GOLDEN_FILE, GoldenMismatch, check_golden
 from hub_models.hub import (
     CODE_FILES,
     HUB_MODELS_DIR,
@@ -138,6 +140,114 @@ def test_model_card_metadata(exported):
     assert "python -m train.train x.yaml" in text
     assert "![reliability.png](reliability.png)" in text
     assert "CIFAKE 32x32 test images" in text
+
+
+def test_pipeline_is_repeatable_and_batch_independent(exported):
+    """pipeline() samples with config.sampling_seed: the same image gets the same scores on every call, alone or
+    with other images (it used to give 0.564, 0.615, 0.613 on repeated calls)."""
+    classify = pipeline("image-classification", model=str(exported), trust_remote_code=True)
+    red, grey = Image.new("RGB", (30, 20), (200, 30, 30)), Image.new("RGB", (20, 20), (90, 90, 90))
+    def scores(result):
+        return {r["label"]: r["score"] for r in result}
+
+    first = scores(classify(red))
+    assert scores(classify(red)) == first
+    together = classify([grey, red])
+    assert scores(together[1]) == pytest.approx(first, abs=1e-6)
+
+
+def test_missing_or_unexpected_tensor_refuses_to_load(writable):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(writable / "model.safetensors")
+    missing = dict(weights)
+    dropped = sorted(missing)[0]
+    del missing[dropped]
+    save_file(missing, writable / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"do not match .*missing keys: {dropped}"):
+        AutoModel.from_pretrained(writable, trust_remote_code=True)
+    save_file({**weights, "head.extra": torch.zeros(3)}, writable / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="unexpected keys: head.extra"):
+        AutoModel.from_pretrained(writable, trust_remote_code=True)
+    weights[dropped] = torch.zeros(1, *weights[dropped].shape[1:]) if weights[dropped].dim() else torch.zeros(2)
+    save_file(weights, writable / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises((ValueError, RuntimeError), match="mismatched|ignore_mismatched_sizes"):
+        AutoModel.from_pretrained(writable, trust_remote_code=True)
+
+
+def test_nan_weights_refuse_to_load(writable):
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(writable / "model.safetensors")
+    name = next(k for k, v in weights.items() if v.is_floating_point() and k.startswith("head."))
+    weights[name] = torch.full_like(weights[name], float("nan"))
+    save_file(weights, writable / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"weight {name} holds .* NaN"):
+        AutoModel.from_pretrained(writable, trust_remote_code=True)
+
+
+def test_golden_outputs_guard_the_release(tmp_path):
+    """Export writes golden outputs; a changed model fails the check and cannot be re-exported under its version."""
+    model = tiny_detector("mc_dropout", "head")
+    folder = export_detector(model, tmp_path / "rel", version="1.0.0")
+    golden = json.loads((folder / GOLDEN_FILE).read_text())
+    assert golden["release_version"] == "1.0.0" and len(golden["verdicts"]) == 6
+    loaded = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    assert loaded.config.release_version == "1.0.0"
+    check_golden(loaded, folder)
+    assert "Version: 1.0.0" in (folder / "README.md").read_text()
+    with torch.no_grad():
+        loaded.head.layers[-1].bias[1] += 0.5  # one class only: a shift of both would cancel in softmax
+    with pytest.raises(GoldenMismatch, match="no longer gives its golden outputs"):
+        check_golden(loaded, folder)
+    with pytest.raises(ReleaseChangedError, match="needs a new version"):
+        export_detector(loaded, folder)
+    assert json.loads((folder / GOLDEN_FILE).read_text()) == golden  # refused before writing anything
+    export_detector(loaded, folder, version="1.1.0", notes="head bias moved on purpose")
+    again = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    check_golden(again, folder)
+    assert "head bias moved on purpose" in (folder / "README.md").read_text()
+    with pytest.raises(ValueError, match="release_version"):
+        export_detector(again, folder, version="v2")
+
+
+def test_timm_backbone_is_stored_as_a_shared_shard(tmp_path):
+    """Two heads on one frozen backbone: byte-identical backbone shards, and each loads back exactly."""
+    kwargs = dict(backbone="mobilenetv2_050", image_size=32, head_hidden=[8])
+    torch.manual_seed(0)
+    first = BayesFakeDetector(BayesFakeConfig(head="mc_dropout", **kwargs)).eval()
+    torch.manual_seed(1)
+    second = BayesFakeDetector(BayesFakeConfig(head="variational", **kwargs)).eval()
+    second.backbone.load_state_dict(first.backbone.state_dict())
+    a = export_detector(first, tmp_path / "a")
+    b = export_detector(second, tmp_path / "b")
+    assert not (a / "model.safetensors").exists()
+    assert (a / "model-backbone.safetensors").read_bytes() == (b / "model-backbone.safetensors").read_bytes()
+    assert (a / "model-head.safetensors").read_bytes() != (b / "model-head.safetensors").read_bytes()
+    index = json.loads((a / "model.safetensors.index.json").read_text())["weight_map"]
+    assert {k for k, v in index.items() if v == "model-head.safetensors"} == {
+        k for k in first.state_dict() if k.startswith("head.")}
+    for model, folder in ((first, a), (second, b)):
+        loaded = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+        state = model.state_dict()
+        assert all(torch.equal(state[k], v) for k, v in loaded.state_dict().items())
+        check_golden(loaded, folder)
+    (a / "model-head.safetensors").unlink()
+    with pytest.raises(IncompleteRepoError, match="model-head.safetensors"):
+        check_repo_folder(a)
+
+
+def test_write_hub_folder_resolves_links(exported, tmp_path):
+    linked = tmp_path / "linked"
+    shutil.copytree(exported, linked)
+    for name in CODE_FILES:
+        (linked / name).unlink()
+        (linked / name).symlink_to(HUB_MODELS_DIR / name)
+    out = write_hub_folder(linked, tmp_path / "hub")
+    assert not any(p.is_symlink() for p in out.iterdir())
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == {p.name: p.read_bytes() for p in linked.iterdir()}
+    with pytest.raises(FileExistsError):
+        write_hub_folder(linked, out)
 
 
 def test_model_card_without_report(tmp_path):
@@ -361,6 +471,9 @@ class RecordingApi:
 
     def upload_folder(self, *args, **kwargs):
         RecordingApi.calls.append(("upload_folder", args, kwargs))
+        # What would be uploaded, as it is during the call (publish uploads a temporary self-contained copy).
+        folder = Path(kwargs["folder_path"])
+        RecordingApi.uploaded = {p.name: (p.is_symlink(), p.read_bytes()) for p in folder.iterdir()}
 
         class Info:
             oid = "a" * 40
@@ -385,7 +498,20 @@ def test_publish_with_fake_api(exported, recording_api):
     assert (args, kwargs) == (("someorg/tiny",), dict(repo_type="model", private=True, exist_ok=True))
     _, args, kwargs = recording_api.calls[2]
     assert args == ()
-    assert kwargs == dict(folder_path=str(exported), repo_id="someorg/tiny", repo_type="model", commit_message="v1")
+    assert kwargs.pop("folder_path") and kwargs == dict(repo_id="someorg/tiny", repo_type="model", commit_message="v1")
+    assert recording_api.uploaded == {p.name: (False, p.read_bytes()) for p in exported.iterdir()}
+
+
+def test_publish_uploads_real_files_for_linked_code(exported, recording_api, tmp_path):
+    """A bundled release links its code to the package; the Hub gets the files themselves."""
+    linked = tmp_path / "linked"
+    shutil.copytree(exported, linked)
+    for name in CODE_FILES:
+        (linked / name).unlink()
+        (linked / name).symlink_to(HUB_MODELS_DIR / name)
+    publish(linked, "someorg/tiny")
+    for name in CODE_FILES:
+        assert recording_api.uploaded[name] == (False, (HUB_MODELS_DIR / name).read_bytes())
 
 
 def test_publish_refuses_incomplete_folder_before_any_call(writable, recording_api):

@@ -1,18 +1,32 @@
-"""The released detector folders: complete, shipping exactly the package's code, loadable offline by repo id."""
+"""The released detector folders: one source for their code, immutable outputs (golden), loadable offline by repo id,
+and exportable as self-contained Hub repos that load in a process that cannot import this project."""
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
 
-from hub_models.hub import CODE_FILES, DEFAULT_REPO_IDS, HUB_MODELS_DIR, bundled_folder, check_repo_folder, load_detector
-
+from hub_models.export import write_hub_folder
+from hub_models.golden import FIELDS, check_golden, golden_pixel_values
+from hub_models.hub import (
+    CODE_FILES,
+    DEFAULT_REPO_IDS,
+    HUB_MODELS_DIR,
+    RELEASED,
+    bundled_folder,
+    check_repo_folder,
+    load_detector,
+)
 
 @pytest.mark.parametrize("repo_id", DEFAULT_REPO_IDS)
 def test_released_folder_ships_the_package_code_and_loads(repo_id):
     folder = check_repo_folder(bundled_folder(repo_id))
-    for name in CODE_FILES:  # a Hub repo needs its own copy; it must never drift from the one source of truth
-        assert (folder / name).read_bytes() == (HUB_MODELS_DIR / name).read_bytes(), f"{folder / name} drifted"
+    for name in CODE_FILES:  # one source: the bundled folder links to the package's code, git holds it once
+        assert (folder / name).is_symlink() and os.readlink(folder / name) == f"../{name}", f"{folder / name}"
     model, processor = load_detector(repo_id)
     # The config carries the metrics its own report measured (the Space and the card show them).
     report = json.loads((folder / "eval_report.json").read_text())
@@ -37,3 +51,86 @@ def test_results_table_has_a_row_per_released_detector():
     lines = table().splitlines()
     assert len(lines) == 2 + len(RELEASED)
     assert all(f"`{name}`" in line for name, line in zip(RELEASED, lines[2:]))
+
+
+@pytest.mark.parametrize("name", RELEASED)
+def test_released_outputs_are_the_golden_ones(name):
+    """A change of code or weights that moves a release's outputs fails here until it is re-exported on purpose with a
+    new version (hub_models.export refuses to overwrite the goldens of a version)."""
+    folder = bundled_folder(f"bayesfake/{name}")
+    model, _ = load_detector(folder)
+    assert model.config.release_version, f"{name}: a release has a version"
+    check_golden(model, folder)
+    assert f"Version: {model.config.release_version}." in (folder / "README.md").read_text()
+
+
+def test_frozen_backbone_stored_once():
+    """The heads on the frozen EfficientNet-Lite0 share one byte-identical backbone shard (one blob in git)."""
+    shards = {name: (HUB_MODELS_DIR / name / "model-backbone.safetensors").read_bytes()
+              for name in RELEASED if name.startswith("effnetlite0-")}
+    assert len(shards) == 5 and len(set(shards.values())) == 1
+
+
+FRESH_PROCESS = textwrap.dedent("""
+    import importlib.abc, json, sys
+
+    class NoProject(importlib.abc.MetaPathFinder):  # this process must not be able to import the project
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("hub_models", "train", "space", "bayesfake"):
+                raise ImportError(f"the project is not importable here: {name}")
+
+    sys.meta_path.insert(0, NoProject())
+    import torch
+    from transformers import AutoImageProcessor, AutoModel, AutoModelForImageClassification, pipeline
+    from PIL import Image
+
+    try:
+        import hub_models
+        raise SystemExit("hub_models was importable")
+    except ImportError:
+        pass
+    answers = {}
+    for folder, inputs in json.loads(sys.argv[1]).items():
+        model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+        assert type(AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True)) is type(model)
+        processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+        assert processor(Image.new("RGB", (50, 40)))["pixel_values"].shape[-1] == model.config.image_size
+        with torch.no_grad():
+            out = model(torch.load(inputs), num_samples=30, seed=0)
+        scores = pipeline("image-classification", model=folder, trust_remote_code=True)(Image.new("RGB", (50, 40)))
+        answers[folder] = {"module": type(model).__module__, "verdicts": model.verdicts(out), "pipeline": scores,
+                           **{k: getattr(out, k).tolist() for k in %r}}
+    print(json.dumps(answers))
+""" % (FIELDS,))
+
+
+def test_exported_releases_load_in_a_process_that_cannot_import_the_project(tmp_path):
+    """Each release exported to a Hub-ready folder (code as real files) loads through the Auto classes and the
+    pipeline in a fresh Python (clean PYTHONPATH, another working directory, the project's packages blocked), and
+    answers exactly as the in-repo load."""
+    jobs, expected = {}, {}
+    for name in RELEASED:
+        out = write_hub_folder(bundled_folder(f"bayesfake/{name}"), tmp_path / "hub" / name)
+        assert not any(p.is_symlink() for p in out.iterdir())
+        model, _ = load_detector(out)
+        x = golden_pixel_values(model.config)
+        torch.save(x, tmp_path / f"{name}.pt")
+        with torch.no_grad():
+            expected[str(out)] = model(x, num_samples=30, seed=0)
+        jobs[str(out)] = str(tmp_path / f"{name}.pt")
+    workdir = tmp_path / "elsewhere"
+    workdir.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), PYTHONNOUSERSITE="1")
+    script = tmp_path / "load.py"
+    script.write_text(FRESH_PROCESS)
+    done = subprocess.run([sys.executable, str(script), json.dumps(jobs)], cwd=workdir, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    answers = json.loads(done.stdout.strip().splitlines()[-1])
+    for folder, answer in answers.items():
+        assert answer["module"].startswith("transformers_modules."), answer["module"]  # the folder's own code
+        out = expected[folder]
+        for field in FIELDS:
+            torch.testing.assert_close(torch.tensor(answer[field]), getattr(out, field), atol=1e-6, rtol=0)
+        assert {r["label"] for r in answer["pipeline"]} == {"REAL", "FAKE"}
