@@ -111,3 +111,11 @@ def test_batch_tab_gives_a_table_a_csv_and_charts(page, tmp_path):
         expect(page.locator(f"#{chart} img")).to_be_visible()
     wait_until_idle(page)
     page.screenshot(path=str(tmp_path / "space_batch.png"), full_page=True)
+
+
+def test_clicking_an_example_analyses_it(page):
+    """Examples reach the analysis from gradio's cache folder, which the Space's uploaded-files-only rule allows."""
+    page.locator("img[src*='cifake_real_3.jpg']").click()
+    expect(page.locator("#verdict")).to_contain_text("cifake_real_3.jpg: 32x32 px")
+    expect(page.locator("#verdict")).to_contain_text("P(FAKE) =")
+    expect(page.locator(".toast-body")).to_have_count(0)
