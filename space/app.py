@@ -48,10 +48,10 @@ from hub_models.hub import DEFAULT_REPO_IDS
 
 if __package__:  # imported as the package space (tests, benchmarks)
     from .charts import batch_charts, explanation_chart, short_label, single_image_charts
-    from .detectors import DEFAULT_NUM_SAMPLES, MAX_NUM_SAMPLES, DetectorPool, read_image
+    from .detectors import DEFAULT_NUM_SAMPLES, MAX_NUM_SAMPLES, DetectorPool, Names, read_image
 else:  # run as a script from its own folder: python space/app.py, or app.py in a pushed Space
     from charts import batch_charts, explanation_chart, short_label, single_image_charts
-    from detectors import DEFAULT_NUM_SAMPLES, MAX_NUM_SAMPLES, DetectorPool, read_image
+    from detectors import DEFAULT_NUM_SAMPLES, MAX_NUM_SAMPLES, DetectorPool, Names, read_image
 
 SPACE_DIR = Path(__file__).resolve().parent
 EXAMPLES_DIR = SPACE_DIR / "examples"
@@ -256,7 +256,7 @@ why = client.predict(handle_file("photo.jpg"), 30, api_name="/explain")  # salie
 print(client.predict(api_name="/models"))
 ```
 Each answer is repeatable (fixed seed per request). An unreadable image raises an error that says why.
-`detectors=[...]` (third argument) restricts the run to some of the loaded detectors."""
+`detectors=` (third argument: one name, "a,b" or a list of names) restricts the run to some of the loaded detectors."""
 
 
 def build_demo(model_ids: list[str]) -> gr.Blocks:
@@ -264,7 +264,7 @@ def build_demo(model_ids: list[str]) -> gr.Blocks:
     pool = DetectorPool.load(model_ids)
     examples = sorted(str(p) for p in EXAMPLES_DIR.glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
 
-    def predict(image: FileData, num_samples: int = DEFAULT_NUM_SAMPLES, detectors: list[str] | None = None) -> dict:
+    def predict(image: FileData, num_samples: int = DEFAULT_NUM_SAMPLES, detectors: Names = None) -> dict:
         """One image -> per detector: probs, std, predictive_entropy, mutual_information (epistemic),
         expected_entropy (aleatoric), verdict, threshold, num_samples, sample_p_fake, warnings."""
         try:
@@ -273,14 +273,14 @@ def build_demo(model_ids: list[str]) -> gr.Blocks:
             raise gr.Error(str(err), print_exception=False) from err
 
     def predict_batch(images: list[FileData], num_samples: int = DEFAULT_NUM_SAMPLES,
-                      detectors: list[str] | None = None) -> list[dict]:
+                      detectors: Names = None) -> list[dict]:
         """Several images -> one /predict answer per image, or {"file", "error"} for an image that cannot be read."""
         try:
             return pool.analyse_files([uploaded_path(image) for image in images or []], num_samples, detectors)
         except ValueError as err:
             raise gr.Error(str(err), print_exception=False) from err
 
-    def explain(image: FileData, num_samples: int = DEFAULT_NUM_SAMPLES, detectors: list[str] | None = None) -> dict:
+    def explain(image: FileData, num_samples: int = DEFAULT_NUM_SAMPLES, detectors: Names = None) -> dict:
         """One image -> per detector: the saliency map (input gradients of P(FAKE), [0, 1], at the detector's input
         size) and the top features by |feature x gradient| with the gradient's sign (> 0 pushes towards FAKE)."""
         try:

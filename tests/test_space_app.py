@@ -418,12 +418,16 @@ def test_eight_concurrent_clients_are_all_answered_identically(server):
 # Start-up
 
 
-def test_model_ids_come_from_the_flag_then_the_env_then_the_defaults(monkeypatch):
+def test_model_ids_come_from_the_flag_then_the_env_then_models_txt_then_the_defaults(monkeypatch, tmp_path):
+    monkeypatch.setattr(app, "MODELS_FILE", tmp_path / "models.txt")  # a built Space folder's list
     monkeypatch.setenv(app.MODELS_ENV, "a/b, ./c ,")
     assert app.model_ids_from(None) == ["a/b", "./c"]
     assert app.model_ids_from("x/y") == ["x/y"]
     monkeypatch.delenv(app.MODELS_ENV)
     assert app.model_ids_from(None) == list(app.DEFAULT_REPO_IDS)
+    (tmp_path / "models.txt").write_text("# served by default\norg/one\n\n  org/two  # second\n")
+    assert app.model_ids_from(None) == ["org/one", "org/two"]
+    assert app.model_ids_from("x/y") == ["x/y"]
 
 
 @pytest.mark.parametrize("value", ["0", "-1", "two", ""])
