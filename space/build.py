@@ -30,7 +30,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hub_models.hub import HUB_MODELS_DIR, HUB_ORG, RELEASED, bundled_folder, check_repo_folder
+from hub_models.export import write_hub_folder
+from hub_models.hub import HUB_MODELS_DIR, HUB_ORG, RELEASED, bundled_folder
 
 SPACE_DIR = Path(__file__).resolve().parent
 REQUIREMENTS = SPACE_DIR / "requirements.txt"  # which packages; the build pins each to the installed version
@@ -171,16 +172,6 @@ def release_names(models: str | list[str] | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def write_release(source: Path, target: Path) -> Path:
-    """A self-contained copy of a released detector folder (symlinks resolved into files)."""
-    try:
-        from hub_models.export import write_hub_folder
-    except ImportError:  # before hub_models.export had it: the same copy
-        shutil.copytree(source, target, symlinks=False, ignore=shutil.ignore_patterns("__pycache__"))
-        return target
-    return Path(write_hub_folder(source, target))
-
-
 def build_space(out_dir: str | Path, models: str | list[str] | None = None, overwrite: bool = False) -> Path:
     """Write the Space folder for the released detectors ``models`` (default: all) into ``out_dir``; return it.
 
@@ -209,8 +200,8 @@ def build_space(out_dir: str | Path, models: str | list[str] | None = None, over
     package.mkdir()
     for path in package_modules(app_files):
         shutil.copyfile(path, package / path.name)
-    for name in names:
-        check_repo_folder(write_release(bundled_folder(name), package / name))
+    for name in names:  # self-contained copies: the releases' code files are symlinks to hub_models/*.py in a checkout
+        write_hub_folder(bundled_folder(name), package / name)
     (out / MODELS_FILE).write_text("# Served by default (app.py --models or BAYESFAKE_MODELS override it)\n"
                                    + "".join(f"{HUB_ORG}/{name}\n" for name in names))
     (out / "README.md").write_text(card_text([f"{HUB_ORG}/{name}" for name in names]))

@@ -138,8 +138,11 @@ def test_the_build_refuses_unknown_detectors_and_a_folder_in_use(tmp_path, capsy
     (used / "stale.py").write_text("")
     build.main([str(used), "--models", "cifake-vi-bcnn", "--overwrite"])
     assert (used / ".git").is_dir() and (used / "app.py").is_file() and (used / "stale.py").exists()
-    build.main([str(used), "--models", "cifake-mcdropout-cnn", "--overwrite"])  # a rebuild replaces the releases
-    assert [p.name for p in (used / "hub_models").iterdir() if p.is_dir()] == ["cifake-mcdropout-cnn"]
+    build.main([str(used), "--models", "effnetlite0-gnb", "--overwrite"])  # a rebuild replaces the releases
+    [release] = [p for p in (used / "hub_models").iterdir() if p.is_dir()]
+    assert release.name == "effnetlite0-gnb" and (release / "model.safetensors.index.json").is_file()  # sharded
+    assert {p.name: p.read_bytes() for p in release.iterdir()} == {
+        p.name: p.read_bytes() for p in (HUB_MODELS_DIR / "effnetlite0-gnb").iterdir()}
     with pytest.raises(ValueError, match="outside the checkout's space/"):
         build.build_space(REPO_ROOT / "space" / "out", ["cifake-vi-bcnn"])
 
