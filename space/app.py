@@ -32,18 +32,18 @@ import time
 from functools import cache
 from pathlib import Path
 
-# hub_models comes from this file's own folder when run as a script (python space/app.py: sys.path[0] is space/, where
-# space/hub_models is a symlink to the checkout's ../hub_models; python app.py in a Space folder written by
-# space/build.py, which holds a copy), so a checkout never runs another checkout's package through an editable install.
-# Imported as the package space (python -m space.app, tests), it is the hub_models next to space/ on sys.path.
 import gradio as gr
 import gradio.utils
-import hub_models
 import pandas as pd
 import torch
 from gradio.data_classes import FileData
 from gradio_client.utils import is_file_obj_with_meta, is_http_url_like
 
+# hub_models comes from this file's own folder when run as a script (python space/app.py: sys.path[0] is space/, where
+# space/hub_models is a symlink to the checkout's ../hub_models; python app.py in a Space folder written by
+# space/build.py, which holds a copy), so a checkout never runs another checkout's package through an editable install.
+# Imported as the package space (python -m space.app, tests), it is the hub_models next to space/ on sys.path.
+import hub_models
 from hub_models.hub import DEFAULT_REPO_IDS
 
 if __package__:  # imported as the package space (tests, benchmarks)
@@ -151,7 +151,6 @@ def import_paths() -> dict[str, str]:
     return {"app": str(Path(__file__).resolve()),
             "detectors": str(Path(sys.modules[DetectorPool.__module__].__file__).resolve()),
             "hub_models": str(Path(hub_models.__file__).resolve().parent)}
-
 
 
 # ----------------------------------------------------------------------------------------------------------------------

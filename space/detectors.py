@@ -156,7 +156,8 @@ def domain_warnings(image: InputImage, config) -> list[str]:
                         f"images ({how}): far from the training data")
     aspect = max(image.width, image.height) / short_side
     if aspect > ASPECT_TOLERANCE:
-        warnings.append(f"only the central square ({100 / aspect:.0f}% of the image) was analysed")
+        # two significant digits: 75%, 33%, and 0.008% for an 8x100,000 strip (not "0%")
+        warnings.append(f"only the central square ({100 / aspect:.2g}% of the image) was analysed")
     if image.mode != "RGB":
         warnings.append(f"the file is {image.mode} ({MODE_NAMES.get(image.mode, 'unusual mode')}), not 8-bit RGB "
                         f"like the training images; it was converted")

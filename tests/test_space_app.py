@@ -333,7 +333,8 @@ def test_size_warning_compares_with_the_training_images_not_the_backbone_input()
     config = BayesFakeConfig(image_size=128, source_image_size=32, training_domain=TINY_DOMAIN)
 
     def warnings_for(width, height):
-        return detectors.domain_warnings(detectors.InputImage("x.png", Image.new("RGB", (width, height)), "RGB", "PNG", 1), config)
+        image = detectors.InputImage("x.png", Image.new("RGB", (width, height)), "RGB", "PNG", 1)
+        return detectors.domain_warnings(image, config)
 
     assert warnings_for(32, 32) == [] and warnings_for(48, 48) == []
     [warning] = warnings_for(128, 128)

@@ -1,6 +1,6 @@
-"""The Space folder that ``python -m space.build`` writes, run the way a Space runs it: ``python app.py`` from the folder,
-in a fresh process with a clean environment and a Python that has the dependencies but cannot see this checkout. Its
-answers must equal the in-repo Space's."""
+"""The Space folder that ``python -m space.build`` writes, run the way a Space runs it: ``python app.py`` from the
+folder, in a fresh process with a clean environment and a Python that has the dependencies but cannot see this
+checkout. Its answers must equal the in-repo Space's."""
 
 import ast
 import importlib.metadata

@@ -233,7 +233,7 @@ def test_an_extreme_aspect_ratio_is_answered_quickly_in_bounded_memory(client, t
                                "frames": 1}
     assert list(answer["detectors"]) == detector_dirs
     for result in answer["detectors"].values():
-        assert any("only the central square (0% of the image)" in w for w in result["warnings"]), result["warnings"]
+        assert any("only the central square (0.008% of the image)" in w for w in result["warnings"]), result["warnings"]
     why = client.predict(handle_file(str(tall)), 4, api_name="/explain")
     assert np.asarray(why["detectors"][detector_dirs[2]]["saliency"]).shape == (128, 128)
 
