@@ -15,7 +15,7 @@ from transformers import AutoModel
 import train.features as features_mod
 import train.trainer as trainer_mod
 from hub_models import BayesFakeConfig, BayesFakeDetector, BayesFakeImageProcessor
-from train import evaluate
+from train import evaluate, frozen
 from train import train as train_cli
 from train.config import TrainConfig, load_config
 from train.data import decode_processor, load_splits
@@ -209,6 +209,33 @@ def test_a_feature_run_resumes_bit_exact(tmp_path, backbone_file, monkeypatch, o
     assert all(torch.equal(v, pretrained[k]) for k, v in resumed.model.backbone.model.state_dict().items())
 
 
+def test_a_feature_run_is_adam_on_the_heads_sampled_logits(tmp_path, backbone_file, monkeypatch, one_thread):
+    """What a frozen-backbone config computes, written out by hand (the loop of the former train.frozen, which trained
+    the released heads): re-seeded, Adam at a constant rate over every batch of epoch_order, the partial last one
+    included, cross-entropy of one dropout draw of the head's raw logits. The shared trainer gives it bit for bit."""
+    import torch.nn.functional as F
+
+    from train.data import epoch_order
+
+    monkeypatch.setenv("BAYESFAKE_CACHE", str(tmp_path / "cache"))
+    data = make_image_folder(tmp_path / "data", n_per_class=12, corrupt=0)
+    cfg = load_config(write_frozen_config(tmp_path, data, backbone_file, batch_size=5, weight_decay=1e-3))
+    model, _ = build_model(cfg)
+    x, y = load_data(cfg, model, progress=False).train
+    torch.manual_seed(cfg.seed)
+    optimizer = torch.optim.Adam(model.head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    for epoch in range(cfg.epochs):
+        model.head.train()
+        for idx in epoch_order(len(y), cfg.seed, epoch).split(cfg.batch_size):
+            logits = model.sample_head_logits(x[idx], len(idx), 1, stochastic=True)[0]
+            loss = F.cross_entropy(logits, y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    assert len(y) % cfg.batch_size != 0  # the partial batch is in there
+    assert same_weights(model.head.state_dict(), train(cfg, progress=False).model.head.state_dict())
+
+
 def test_gaussian_nb_is_fitted_in_closed_form_by_the_same_entry_point(tmp_path, backbone_file, monkeypatch,
                                                                        one_thread):
     monkeypatch.setenv("BAYESFAKE_CACHE", str(tmp_path / "cache"))
@@ -228,13 +255,19 @@ def test_gaussian_nb_is_fitted_in_closed_form_by_the_same_entry_point(tmp_path, 
 
 def test_frozen_search_table(tmp_path, backbone_file, monkeypatch, one_thread):
     monkeypatch.setenv("BAYESFAKE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
     data = make_image_folder(tmp_path / "data", n_per_class=12, corrupt=0)
     path = write_frozen_config(tmp_path, data, backbone_file, epochs=2)
-    grid = parse_grid(["model.dropout=0.1,0.5", "model.head_hidden=[8],[16]"])
-    rows = run_search(str(path), grid, [], tmp_path / "search")
+    # The command written before the merge still works: python -m train.frozen CONFIG --grid ... --out TABLE
+    frozen.main([str(path), "--grid", "model.dropout=0.1,0.5", "model.head_hidden=[8],[16]", "--set", "threads=1",
+                 "--out", "table.md"])
+    rows = json.loads((tmp_path / "table.json").read_text())
     assert len(rows) == 4 and rows[0]["val/nll_calibrated"] <= rows[-1]["val/nll_calibrated"]
+    assert "python -m train.hpsearch" in (tmp_path / "table.md").read_text()
     # Every point trained on the same cached features: one extraction of train and one of val.
     assert len(list((tmp_path / "cache" / "features").glob("*/*"))) == 2
+    grid = parse_grid(["model.dropout=0.1,0.5", "model.head_hidden=[8],[16]"])
+    assert run_search(str(path), grid, ["threads=1"], tmp_path / "runs" / "search" / "tiny-frozen") == rows
 
 
 @pytest.mark.parametrize("name, size, width", [("legacy_xception.tf_in1k", 299, 2048),

@@ -3,9 +3,9 @@
     result = train(load_config("train/configs/cifake-mcdropout-cnn.yaml"), resume=False)
     result.final      # OUT/final: the detector as a complete Hub repo folder (+ train_history.json)
 
-One loop, two kinds of batch (``TrainConfig.features``): uint8 images, augmented and normalised, go through
-``model(pixels)``; cached backbone features go through ``model.forward_features``. Either way the loss is the
-cross-entropy of one Monte Carlo draw plus ``kl_weight * KL / N`` for variational layers (the ELBO per example), and
+One loop, two kinds of batch (``TrainConfig.features``): uint8 images, augmented and normalised, go through the whole
+model; cached backbone features go through its head only (``TrainStep``). Either way the loss is the cross-entropy of
+one Monte Carlo draw's logits plus ``kl_weight * KL / N`` for variational layers (the ELBO per example), and
 each epoch ends with a validation (``predict`` then ``train.metrics``: accuracy at 0.5 and ``nll``). A Gaussian NB head
 has no optimiser: it is fitted in closed form as the run's single epoch.
 
@@ -127,17 +127,22 @@ def load_data(cfg: TrainConfig, model: BayesFakeDetector, progress: bool = True)
 
 class TrainStep(nn.Module):
     """One Monte Carlo draw of the detector on a training batch, as the module accelerate prepares (so that DDP wraps
-    and syncs either kind of batch): pixels -> ``model(x)``, features -> ``model.forward_features(x)``. Returns the
-    draw's log-probabilities [B, 2] and the KL term of the variational layers (None without any)."""
+    and syncs either kind of batch): pixels through the whole model (``model.sample_logits``), features through the
+    head (``model.sample_head_logits``), the same draws ``model(x)`` and ``model.forward_features(x)`` average. Returns
+    the draw's raw logits [B, 2] (no temperature, no probability floor: a confidently wrong example keeps its
+    gradient) and the KL term of the variational layers (None without any)."""
 
     def __init__(self, model: BayesFakeDetector, features: bool):
         super().__init__()
         self.model, self.features = model, features
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        run = self.model.forward_features if self.features else self.model
-        log_probs = run(x, num_samples=1).logits
-        return log_probs, self.model.kl_divergence() if self.model.bayesian_layers() else None
+        model = self.model
+        if self.features:
+            logits = model.sample_head_logits(x, x.shape[0], 1, stochastic=True)
+        else:
+            logits = model.sample_logits(x, 1, stochastic=True)
+        return logits[0], model.kl_divergence() if model.bayesian_layers() else None
 
     def train(self, mode: bool = True) -> TrainStep:
         """Feature runs train the head only: the frozen backbone stays in eval mode (its BatchNorm statistics)."""
@@ -300,8 +305,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, command
             lr = lr_at(epoch * steps_per_epoch + step, steps_per_epoch, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            log_probs, kl = step_module(x.to(device))
-            loss = F.cross_entropy(log_probs, y, label_smoothing=cfg.label_smoothing)
+            logits, kl = step_module(x.to(device))
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
             if kl is not None:
                 # ELBO per training example: the minibatch NLL is a mean over examples, so the KL (one term for the
                 # whole data set) is divided by N to sit on the same per-example scale; kl_weight tempers it.
