@@ -1,4 +1,4 @@
-"""BayesFake Space: is this image AI-generated, and how sure are the detectors?
+"""BayesFake Space: is this image AI-generated, how sure are the detectors, and what does the file itself say?
 
     python space/app.py [--models ID_OR_PATH,...]     # or BAYESFAKE_MODELS=...; default: models.txt next to app.py
                                                       # (a folder built by space/build.py), else the released ones
@@ -10,16 +10,25 @@ Every detector is loaded once at start through ``hub_models.hub.load_detector`` 
 The server honours GRADIO_SERVER_NAME / GRADIO_SERVER_PORT.
 
 API (``gradio_client``; image files go through ``handle_file``):
-    /predict        (image, num_samples=30, detectors=None) -> {"image": {...}, "detectors": {name: result}}
-    /predict_batch  (images, num_samples=30, detectors=None) -> [one /predict answer, or {"file", "error"}, ...]
+    /predict        (image, num_samples=30, detectors=None) -> {"image": {...}, "detectors": {name: result},
+                    "evidence": {...}}
+    /predict_batch  (images, num_samples=30, detectors=None) -> [one /predict answer, or {"file", "error", "evidence"},
+                    ...]
+    /evidence       (image) -> what the file itself says about its origin: {"findings": [{kind, says, strong, detail,
+                    proves, fields}], "summary", "errors", "says", "strong", "checked", "format", "size"}
     /explain        (image, num_samples=30, detectors=None) -> {"image": {...}, "detectors": {name: saliency map and
                     top features}}
     /models         () -> {"loaded": [{name, config}], "failed": [{name, error}], "torch_threads": N}
 ``detectors`` is None (all loaded ones), one name, "name1,name2", or a list of names. Answers are repeatable: every
 request samples with the same seed. A refused request (no image, a file that was not uploaded, a bad T, an unknown
-detector, an unreadable image) answers an error that says why.
+detector, an unreadable image) answers an error that says why. ``/evidence`` answers every uploaded file, a broken one
+too: what could not be read is in its ``errors``. $BAYESFAKE_C2PA_TRUST_ANCHORS names a PEM file of C2PA signers to
+trust.
 
-This file is the page, the API and the command line; what they compute is in detectors.py, the figures in charts.py.
+This file is the page, the API and the command line; what they compute is in detectors.py (the detectors) and
+provenance.py (the file's own evidence, and the page's words for it), the figures in charts.py. The page and the API
+read the uploaded file as it arrived: the upload is a plain file input (an image input would re-encode it and drop its
+metadata), with a preview beside it.
 """
 
 import argparse
@@ -43,15 +52,20 @@ from gradio_client.utils import is_file_obj_with_meta, is_http_url_like
 # space/hub_models is a symlink to the checkout's ../hub_models; python app.py in a Space folder written by
 # space/build.py, which holds a copy), so a checkout never runs another checkout's package through an editable install.
 # Imported as the package space (python -m space.app, tests), it is the hub_models next to space/ on sys.path.
+# The evidence package comes from the same place, for the same reason (space/evidence links to ../evidence; a built
+# Space folder holds a copy).
+import evidence
 import hub_models
 from hub_models.hub import DEFAULT_REPO_IDS
 
 if __package__:  # imported as the package space (tests, benchmarks)
+    from . import provenance
     from .charts import batch_charts, explanation_chart, short_label, single_image_charts
-    from .detectors import DEFAULT_NUM_SAMPLES, MAX_NUM_SAMPLES, DetectorPool, Names, read_image
+    from .detectors import DEFAULT_NUM_SAMPLES, MAX_NUM_SAMPLES, DetectorPool, Names, preview_source, read_image
 else:  # run as a script from its own folder: python space/app.py, or app.py in a pushed Space
+    import provenance
     from charts import batch_charts, explanation_chart, short_label, single_image_charts
-    from detectors import DEFAULT_NUM_SAMPLES, MAX_NUM_SAMPLES, DetectorPool, Names, read_image
+    from detectors import DEFAULT_NUM_SAMPLES, MAX_NUM_SAMPLES, DetectorPool, Names, preview_source, read_image
 
 SPACE_DIR = Path(__file__).resolve().parent
 EXAMPLES_DIR = SPACE_DIR / "examples"
@@ -73,10 +87,28 @@ BATCH_CSV_MAX_AGE_S = 3600
 # detectors.INFERENCE_THREAD) and holds up to QUEUE_MAX_SIZE more before refusing new ones.
 QUEUE_CONCURRENCY = 4
 QUEUE_MAX_SIZE = 256
-# Batch table and CSV; entropies in nats. Long text (error, warnings) last so the numbers stay in view.
+# Batch table and CSV; entropies in nats. Long text (error, warnings) after the numbers, so they stay in view; then
+# what the file itself says: evidence (ai-generated, ai-edited, camera or none), whether that is strong, the summary.
+# The page's table leaves the summary out (the status above it lists one per file, not one per detector row).
 TABLE_COLUMNS = ["file", "detector", "verdict", "P(FAKE)", "std", "epistemic", "aleatoric", "total", "T", "error",
-                 "warnings"]
-TABLE_WIDTHS = ["12%", "14%", "11%", "6%", "6%", "7%", "7%", "6%", "4%", "13%", "14%"]
+                 "warnings", "evidence", "evidence_strong", "evidence_summary"]
+PAGE_TABLE_COLUMNS = TABLE_COLUMNS[:-1]
+PAGE_TABLE_WIDTHS = ["9%", "10%", "8%", "6%", "5%", "7%", "7%", "5%", "3%", "10%", "14%", "8%", "8%"]
+# The headline's look: a box whose edge says what kind of answer it is (strong AI evidence, strong camera evidence,
+# the detectors' guess, nothing analysed); its first paragraph is the answer.
+PAGE_CSS = """
+#headline { border: 1px solid var(--border-color-primary); border-left: 8px solid #8a8f98; border-radius: 8px;
+            padding: 10px 16px; background: var(--background-fill-secondary); }
+#headline.tone-ai { border-left-color: #c0392b; }
+#headline.tone-camera { border-left-color: #2470c2; }
+#headline.tone-error { border-left-color: #d68910; }
+#headline p:first-child { font-size: 1.2em; font-weight: 600; margin-bottom: 6px; }
+#headline p:nth-child(3) { font-size: 0.95em; }
+#image-preview img { width: 100%; height: 100%; object-fit: contain; }
+#evidence-panel, #verdict { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 4px 14px; }
+#evidence-panel ol { padding-left: 1.4em; }
+#evidence-panel li { margin-bottom: 8px; }
+"""
 
 
 def uploaded_path(upload) -> str:
@@ -123,6 +155,11 @@ class SpaceBlocks(gr.Blocks):
         except Exception as err:  # the client's input was refused: say why
             raise gr.Error(str(err), print_exception=False) from err
 
+    def launch(self, *args, **kwargs):
+        """``gr.Blocks.launch`` with the page's CSS unless the caller gives its own (gradio 6 takes it here)."""
+        kwargs.setdefault("css", PAGE_CSS)
+        return super().launch(*args, **kwargs)
+
 
 def sent_file_paths(value) -> list[str]:
     """The local paths of the FileData dicts anywhere in a request's inputs (URLs are gradio's to fetch and check)."""
@@ -150,7 +187,8 @@ def import_paths() -> dict[str, str]:
     """Where this app's code and its hub_models package were imported from (--show-paths; logged at start)."""
     return {"app": str(Path(__file__).resolve()),
             "detectors": str(Path(sys.modules[DetectorPool.__module__].__file__).resolve()),
-            "hub_models": str(Path(hub_models.__file__).resolve().parent)}
+            "hub_models": str(Path(hub_models.__file__).resolve().parent),
+            "evidence": str(Path(evidence.__file__).resolve().parent)}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -159,7 +197,8 @@ def import_paths() -> dict[str, str]:
 
 def verdict_markdown(answer: dict) -> str:
     image = answer["image"]
-    parts = [f"**{image['name']}**: {image['width']}x{image['height']} px, {image['mode']}"
+    parts = ["#### What the pixel detectors say",
+             f"**{image['name']}**: {image['width']}x{image['height']} px, {image['mode']}"
              f"{', ' + image['format'] if image['format'] else ''}"]
     for r in answer["detectors"].values():
         reject = (f"; uncertain when total > {r['reject_entropy']:.2f} nats" if r["reject_entropy"] is not None
@@ -197,17 +236,19 @@ def detectors_markdown(pool: DetectorPool) -> str:
 
 
 def batch_table(answers: list[dict]) -> pd.DataFrame:
+    """One row per file and detector (one row for a file that could not be read), with the file's evidence columns."""
     rows = []
     for a in answers:
+        found = provenance.batch_columns(a.get("evidence"))
         if "error" in a:
-            rows.append({"file": a["file"], "error": a["error"]})
+            rows.append({"file": a["file"], "error": a["error"], **found})
             continue
         for r in a["detectors"].values():
             rows.append({"file": a["image"]["name"], "detector": r["detector"], "verdict": r["verdict"],
                          "P(FAKE)": round(r["probs"]["FAKE"], 4), "std": round(r["std"]["FAKE"], 4),
                          "epistemic": round(r["mutual_information"], 4), "aleatoric": round(r["expected_entropy"], 4),
                          "total": round(r["predictive_entropy"], 4), "T": r["num_samples"],
-                         "warnings": "; ".join(r["warnings"]), "error": ""})
+                         "warnings": "; ".join(r["warnings"]), "error": "", **found})
     return pd.DataFrame(rows, columns=TABLE_COLUMNS).fillna("")
 
 
@@ -232,11 +273,13 @@ def write_batch_csv(table: pd.DataFrame) -> str:
 # The app
 
 INTRO = """# BayesFake: is this image AI-generated, and how sure is the detector?
-Each detector is sampled **T** times (Monte Carlo dropout or variational weights). The spread of the samples is the
-error bar; the predictive entropy (**total** uncertainty) splits into **epistemic** (the detector's own doubt, high on
-unfamiliar images) and **aleatoric** (ambiguity in the image itself). A verdict of *uncertain* means: ask a human.
-The detectors only know their training domain (below each verdict); treat every verdict as a screening aid, never as
-proof."""
+First, the file itself is read as uploaded: content credentials (C2PA), generator settings, invisible watermarks and
+camera tags can say where it came from, and the strong ones are harder evidence than any detector. Then each detector
+is sampled **T** times (Monte Carlo dropout or variational weights). The spread of the samples is the error bar; the
+predictive entropy (**total** uncertainty) splits into **epistemic** (the detector's own doubt, high on unfamiliar
+images) and **aleatoric** (ambiguity in the image itself). A verdict of *uncertain* means: ask a human. The detectors
+only know their training domain (below each verdict); treat every verdict as a screening aid, never as proof. A file
+without provenance evidence is not thereby real: most sites strip metadata."""
 
 
 API_HELP = """Call the Space from Python with `gradio_client` (`pip install gradio_client`):
@@ -252,30 +295,47 @@ for name, r in answer["detectors"].items():
     print(name, r["verdict"], r["probs"]["FAKE"], r["std"]["FAKE"], r["mutual_information"], r["warnings"])
 rows = client.predict([handle_file("a.png"), handle_file("b.jpg")], 30, api_name="/predict_batch")
 why = client.predict(handle_file("photo.jpg"), 30, api_name="/explain")  # saliency map + top features per detector
+print(answer["evidence"]["summary"])   # what the file itself says (also in each /predict_batch answer)
+found = client.predict(handle_file("photo.jpg"), api_name="/evidence")  # the same, without the detectors
+for f in found["findings"]:            # strongest first
+    print(f["kind"], f["says"], f["strong"], f["detail"], f["proves"])
 print(client.predict(api_name="/models"))
 ```
-Each answer is repeatable (fixed seed per request). An unreadable image raises an error that says why.
+Each answer is repeatable (fixed seed per request). An unreadable image raises an error that says why; `/evidence`
+answers any uploaded file, and says in `errors` what it could not read.
 `detectors=` (third argument: one name, "a,b" or a list of names) restricts the run to some of the loaded detectors."""
 
 
-def build_demo(model_ids: list[str]) -> gr.Blocks:
-    """Load the detectors once and build the page and the API on them (the queue is configured too)."""
+EMPTY_HEADLINE = "Upload an image or pick an example."
+EMPTY_EVIDENCE = ("#### What the file itself says\nRead from the file as uploaded: content credentials (C2PA), "
+                  "generator settings, invisible watermarks, IPTC labels and EXIF tags.")
+EMPTY_VERDICT = ("#### What the pixel detectors say\nEach detector's verdict, P(FAKE) with its error bar over T "
+                 "samples, and its uncertainty.")
+
+
+def build_demo(model_ids: list[str], reader: provenance.EvidenceReader | None = None) -> gr.Blocks:
+    """Load the detectors once and build the page and the API on them (the queue is configured too). ``reader``
+    reads the files' own evidence (default: trust anchors from $BAYESFAKE_C2PA_TRUST_ANCHORS, if set)."""
+    reader = reader or provenance.EvidenceReader.from_env()
     pool = DetectorPool.load(model_ids)
     examples = sorted(str(p) for p in EXAMPLES_DIR.glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
 
     def predict(image: FileData, num_samples: int = DEFAULT_NUM_SAMPLES, detectors: Names = None) -> dict:
         """One image -> per detector: probs, std, predictive_entropy, mutual_information (epistemic),
-        expected_entropy (aleatoric), verdict, threshold, num_samples, sample_p_fake, warnings."""
+        expected_entropy (aleatoric), verdict, threshold, num_samples, sample_p_fake, warnings; and "evidence": what
+        the file itself says about its origin (as /evidence answers)."""
         try:
-            return pool.analyse(read_image(uploaded_path(image)), num_samples, detectors)
+            return provenance.analyse_file(pool, reader, uploaded_path(image), num_samples, detectors)
         except ValueError as err:
             raise gr.Error(str(err), print_exception=False) from err
 
     def predict_batch(images: list[FileData], num_samples: int = DEFAULT_NUM_SAMPLES,
                       detectors: Names = None) -> list[dict]:
-        """Several images -> one /predict answer per image, or {"file", "error"} for an image that cannot be read."""
+        """Several images -> one /predict answer per image, or {"file", "error", "evidence"} for an image that cannot
+        be read."""
         try:
-            return pool.analyse_files([uploaded_path(image) for image in images or []], num_samples, detectors)
+            return provenance.analyse_files(pool, reader, [uploaded_path(image) for image in images or []],
+                                            num_samples, detectors)
         except ValueError as err:
             raise gr.Error(str(err), print_exception=False) from err
 
@@ -287,36 +347,73 @@ def build_demo(model_ids: list[str]) -> gr.Blocks:
         except ValueError as err:
             raise gr.Error(str(err), print_exception=False) from err
 
+    def read_file_evidence(image: FileData) -> dict:
+        """One file -> what it says about its own origin: findings (strongest first: kind, says, strong, detail,
+        proves, fields), summary, errors, says (ai-generated, ai-edited, camera or none), strong, checked, format,
+        size. A broken or empty file is answered too, with what could not be read in errors."""
+        try:
+            return reader.read(uploaded_path(image))
+        except ValueError as err:
+            raise gr.Error(str(err), print_exception=False) from err
+
     def models() -> dict:
         """The loaded detectors with their configs, and the ones that failed to load (with the reason)."""
         return pool.describe()
 
-    def analyse_page(upload, names, num_samples):
-        # Runs with preprocess=False so the raw upload reaches read_image: the Image component's own preprocessing
-        # would decode the file with PIL first and hide the reason a bad file is refused behind a generic error.
-        if upload is None:
-            return "Upload an image or pick an example.", None, None, None, None, None
+    def show_preview(upload):
+        # The file input shows a name; people want to see the picture.
         try:
-            image = read_image(uploaded_path(upload))
+            return None if upload is None else preview_source(uploaded_path(upload))
+        except ValueError:
+            return None
+
+    def analyse_page(upload, names, num_samples):
+        # Runs with preprocess=False so the raw upload reaches read_image and the evidence reader as it arrived.
+        if upload is None:
+            return (gr.Markdown(EMPTY_HEADLINE, elem_classes=["tone-none"]), EMPTY_EVIDENCE, EMPTY_VERDICT, None, None,
+                    None, None, None)
+        try:
+            path = uploaded_path(upload)
+        except ValueError as err:
+            gr.Warning(str(err))
+            return (gr.Markdown(f"Could not analyse this image: {err}", elem_classes=["tone-error"]), EMPTY_EVIDENCE,
+                    f"**Could not analyse this image:** {err}", None, None, None, None, None)
+        pending = reader.start(path)  # read while the image is decoded and the detectors run
+        answer = charts = why = error = None
+        try:
+            image = read_image(path)
             answer, explained = pool.analyse_and_explain(image, num_samples, names)
+            charts = single_image_charts(list(answer["detectors"].values()))
             why = explanation_chart(image, list(explained["detectors"].values()))
         except ValueError as err:
             gr.Warning(str(err))
-            return f"**Could not analyse this image:** {err}", None, None, None, None, None
-        return (verdict_markdown(answer), *single_image_charts(list(answer["detectors"].values())), why, answer)
+            error = str(err)
+        found = reader.result(pending)
+        text, tone = provenance.headline(found, answer, error)
+        headline = gr.Markdown(text, elem_classes=[f"tone-{tone}"])
+        if answer is None:
+            return (headline, provenance.panel(found), f"**Could not analyse this image:** {error}", None, None, None,
+                    None, {"error": error, "evidence": found})
+        answer["evidence"] = found
+        return headline, provenance.panel(found), verdict_markdown(answer), *charts, why, answer
 
     def analyse_batch_page(paths, names, num_samples):
         try:
-            answers = pool.analyse_files(paths or [], num_samples, names)
+            answers = provenance.analyse_files(pool, reader, paths or [], num_samples, names)
         except ValueError as err:
             gr.Warning(str(err))
             return f"**Could not run the batch:** {err}", None, None, None, None
         table = batch_table(answers)
         failed = sum("error" in a for a in answers)
+        strong = sum(a["evidence"]["strong"] for a in answers)
         status = f"{len(answers) - failed} of {len(answers)} images analysed" + (
-            f"; {failed} could not be read (see the error column)" if failed else "")
+            f"; {failed} could not be read (see the error column)" if failed else "") + (
+            f"; {strong} carr{'ies' if strong == 1 else 'y'} strong provenance evidence in the file itself" if strong
+            else "; no file carries strong provenance evidence (which does not mean the images are real)")
+        status += ".\n\n**What each file itself says:**\n" + "\n".join(
+            f"- `{a['image']['name'] if 'image' in a else a['file']}`: {a['evidence']['summary']}" for a in answers)
         charts = batch_charts(answers, names) if failed < len(answers) else (None, None)
-        return status, table, write_batch_csv(table), *charts
+        return status, table[PAGE_TABLE_COLUMNS], write_batch_csv(table), *charts
 
     # delete_cache: every hour, drop uploads and result files older than a day (a Space runs for weeks).
     with SpaceBlocks(title="BayesFake: AI-generated image detection with uncertainty",
@@ -330,13 +427,20 @@ def build_demo(model_ids: list[str]) -> gr.Blocks:
         with gr.Tab("One image"):
             with gr.Row():
                 with gr.Column(scale=2):
-                    image = gr.Image(type="filepath", image_mode=None, sources=["upload", "clipboard"],
-                                     label="Image", height=320, elem_id="image-input")
+                    # A file input: the app gets the uploaded bytes as they are, metadata included (an image input
+                    # re-encodes the picture and drops EXIF and the rest before the app sees it).
+                    image = gr.File(file_count="single", file_types=["image"], label="Image file", height=120,
+                                    elem_id="image-input")
+                    preview = gr.Image(label="Preview", interactive=False, height=320, elem_id="image-preview",
+                                       buttons=[])
                     run = gr.Button("Analyse", variant="primary", elem_id="run")
-                    gr.Examples(examples, inputs=image, label="Examples: CIFAKE test images (in domain) and "
-                                "larger synthetic pictures (out of domain)", examples_per_page=8)
+                    gr.Examples([[path, path] for path in examples], inputs=[preview, image],
+                                label="Examples: CIFAKE test images (in domain) and larger synthetic pictures (out of "
+                                "domain)", examples_per_page=8)
                 with gr.Column(scale=3):
-                    verdict = gr.Markdown("Upload an image or pick an example.", elem_id="verdict")
+                    headline = gr.Markdown(EMPTY_HEADLINE, elem_id="headline", elem_classes=["tone-none"])
+                    evidence_panel = gr.Markdown(EMPTY_EVIDENCE, elem_id="evidence-panel")
+                    verdict = gr.Markdown(EMPTY_VERDICT, elem_id="verdict")
                     p_fake_plot = gr.Plot(label="P(FAKE) per detector", elem_id="p-fake-plot")
                     uncertainty_plot = gr.Plot(label="Uncertainty per detector", elem_id="uncertainty-plot")
                     samples_plot = gr.Plot(label="Sampled P(FAKE)", elem_id="samples-plot")
@@ -348,8 +452,10 @@ def build_demo(model_ids: list[str]) -> gr.Blocks:
             files = gr.File(file_count="multiple", file_types=["image"], label="Images", elem_id="batch-input")
             run_batch = gr.Button("Analyse all", variant="primary", elem_id="run-batch")
             batch_status = gr.Markdown(elem_id="batch-status")
-            table = gr.Dataframe(headers=TABLE_COLUMNS, column_widths=TABLE_WIDTHS, interactive=False, wrap=True,
-                                 label="Results (entropies in nats)", elem_id="batch-table")
+            table = gr.Dataframe(headers=PAGE_TABLE_COLUMNS, column_widths=PAGE_TABLE_WIDTHS, interactive=False,
+                                 wrap=True,
+                                 label="Results (entropies in nats; evidence: what each file itself says)",
+                                 elem_id="batch-table")
             csv = gr.File(label="Download the table (CSV)", elem_id="batch-csv")
             batch_p_fake_plot = gr.Plot(label="P(FAKE) per image", elem_id="batch-p-fake-plot")
             batch_epistemic_plot = gr.Plot(label="Epistemic uncertainty per image", elem_id="batch-epistemic-plot")
@@ -358,14 +464,17 @@ def build_demo(model_ids: list[str]) -> gr.Blocks:
         with gr.Tab("API"):
             gr.Markdown(API_HELP)
 
+        image.change(show_preview, image, preview, preprocess=False, show_progress="hidden", api_visibility="private",
+                     trigger_mode="always_last")
         gr.on([image.change, run.click], analyse_page, [image, chosen, num_samples],
-              [verdict, p_fake_plot, uncertainty_plot, samples_plot, explanation_plot, raw], preprocess=False,
-              api_visibility="private", trigger_mode="always_last")
+              [headline, evidence_panel, verdict, p_fake_plot, uncertainty_plot, samples_plot, explanation_plot, raw],
+              preprocess=False, api_visibility="private", trigger_mode="always_last")
         run_batch.click(analyse_batch_page, [files, chosen, num_samples],
                         [batch_status, table, csv, batch_p_fake_plot, batch_epistemic_plot], api_visibility="private")
         gr.api(predict, api_name="predict")
         gr.api(predict_batch, api_name="predict_batch")
         gr.api(explain, api_name="explain")
+        gr.api(read_file_evidence, api_name="evidence")
         gr.api(models, api_name="models")
     demo.queue(default_concurrency_limit=QUEUE_CONCURRENCY, max_size=QUEUE_MAX_SIZE)
     return demo

@@ -1,4 +1,5 @@
-"""Write a pushable Space folder: the app, the hub_models package, the chosen released detectors, pinned requirements.
+"""Write a pushable Space folder: the app, the hub_models and evidence packages, the chosen released detectors, pinned
+requirements.
 
     python -m space.build OUT_DIR [--models NAME,...] [--overwrite]
     hf upload ORG/SPACE OUT_DIR . --repo-type space
@@ -8,15 +9,17 @@ OUT_DIR gets
   ``python_version`` to this interpreter's, so the Space runs what was tested here;
 * ``requirements.txt``: every package of space/requirements.txt, plus any other third-party import of the folder's
   code, pinned ``==`` to the version installed here (gradio itself comes from ``sdk_version``);
-* ``app.py``, ``detectors.py``, ``charts.py``, ``examples/``: the app, run as ``python app.py``;
+* ``app.py``, ``detectors.py``, ``provenance.py``, ``charts.py``, ``examples/``: the app, run as ``python app.py``;
 * ``hub_models/``: the modules of the package that the app imports, directly or through each other (nothing from
   train/);
+* ``evidence/``: the evidence package (what a file says about its own origin), whole: its modules import only each
+  other, numpy, Pillow and c2pa-python;
 * ``hub_models/NAME/``: each chosen release as a self-contained Hub repo folder (symlinks resolved into files), where
   ``hub_models.hub`` finds it offline as the bundled copy of ``bayesfake/NAME``;
 * ``models.txt``: the chosen repo ids, which the app serves by default.
 
-``python app.py`` imports ``hub_models`` from the folder itself (sys.path[0] is the script's folder), never from an
-editable install of a checkout.
+``python app.py`` imports ``hub_models`` and ``evidence`` from the folder itself (sys.path[0] is the script's folder),
+never from an editable install of a checkout.
 """
 
 from __future__ import annotations
@@ -34,9 +37,11 @@ from hub_models.export import write_hub_folder
 from hub_models.hub import HUB_MODELS_DIR, HUB_ORG, RELEASED, bundled_folder
 
 SPACE_DIR = Path(__file__).resolve().parent
+EVIDENCE_DIR = SPACE_DIR.parent / "evidence"  # this checkout's evidence package (space/evidence links to it)
 REQUIREMENTS = SPACE_DIR / "requirements.txt"  # which packages; the build pins each to the installed version
 CARD = SPACE_DIR / "README.md"
 DEV_ONLY = {"__init__.py", "build.py"}  # modules of space/ that the Space folder does not need
+PACKAGES = ("hub_models", "evidence")  # the checkout's packages that space/ links to and the Space folder holds
 MODELS_FILE = "models.txt"  # app.MODELS_FILE's name
 PROJECT = "bayesfake"  # this project's own distribution (the editable install): never a requirement
 SDK = "gradio"  # the Space's SDK: installed by the Space from sdk_version, so not in requirements.txt
@@ -146,12 +151,13 @@ def card_text(models: list[str]) -> str:
 
 
 def source_revision() -> str:
-    """The checkout's commit (with "+ uncommitted changes" when space/ or hub_models/ differ from it), if it is one."""
+    """The checkout's commit (with "+ uncommitted changes" when space/, hub_models/ or evidence/ differ from it), if it
+    is one."""
     root = SPACE_DIR.parent
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True,
                                 text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "space", "hub_models"],
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--", "space", *PACKAGES],
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "a copy of the project that is not a git checkout"
@@ -182,7 +188,7 @@ def build_space(out_dir: str | Path, models: str | list[str] | None = None, over
     if out == SPACE_DIR or SPACE_DIR in out.parents or out in SPACE_DIR.parents:
         raise ValueError(f"write the Space folder outside the checkout's space/ folder (got {out})")
     app_files = sorted(p for p in SPACE_DIR.glob("*.py") if p.name not in DEV_ONLY)
-    written = [*(p.name for p in app_files), "examples", "hub_models", "README.md", "requirements.txt", MODELS_FILE]
+    written = [*(p.name for p in app_files), "examples", *PACKAGES, "README.md", "requirements.txt", MODELS_FILE]
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise FileExistsError(f"{out} is not empty (pass overwrite=True / --overwrite to replace a built Space)")
@@ -202,6 +208,9 @@ def build_space(out_dir: str | Path, models: str | list[str] | None = None, over
         shutil.copyfile(path, package / path.name)
     for name in names:  # self-contained copies: the releases' code files are symlinks to hub_models/*.py in a checkout
         write_hub_folder(bundled_folder(name), package / name)
+    (out / "evidence").mkdir()
+    for path in sorted(EVIDENCE_DIR.glob("*.py")):
+        shutil.copyfile(path, out / "evidence" / path.name)
     (out / MODELS_FILE).write_text("# Served by default (app.py --models or BAYESFAKE_MODELS override it)\n"
                                    + "".join(f"{HUB_ORG}/{name}\n" for name in names))
     (out / "README.md").write_text(card_text([f"{HUB_ORG}/{name}" for name in names]))

@@ -35,6 +35,10 @@ ASPECT_TOLERANCE = 1.5
 # other request waits for. The processors crop the same way (image_processing_bayesfake.MAX_ASPECT), so the answers do
 # not change; the Space does it itself for what it draws and for any processor that does not.
 MAX_ASPECT_RATIO = 4
+# The upload's preview: files a browser shows as they are; anything else is downscaled to this side for the page.
+BROWSER_FORMATS = {"JPEG", "PNG", "GIF", "WEBP", "BMP"}
+BROWSER_MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA"}
+PREVIEW_MAX_SIDE = 1024
 # Every torch call (loading, preprocessing, forwards) runs on this one thread, for two reasons:
 # - a forward seeds torch's global RNG (fork_rng), which is process-wide: two concurrent forwards would mix their draws
 #   and lose repeatability, so forwards take turns;
@@ -129,6 +133,25 @@ def read_image(path: str, name: str | None = None) -> InputImage:
         raise ValueError(f"{name}: image is only {rgb.width}x{rgb.height} pixels, too small to judge "
                          f"(at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} is needed)")
     return InputImage(name=name, rgb=central_part(rgb), mode=mode, format=file_format, frames=frames, size=rgb.size)
+
+
+def preview_source(path: str, max_side: int = PREVIEW_MAX_SIDE) -> str | Image.Image | None:
+    """What the page shows as the upload's preview: the file itself when a browser can show it (``path``), a
+    downscaled copy of any other readable image (TIFF, CMYK or 16-bit pixels...), or None for a file that is not an
+    image, or too large to decode. Only the header is read for the first case."""
+    try:
+        with Image.open(path) as probe:
+            width, height = probe.size
+            if width * height > DEFAULT_MAX_PIXELS:
+                return None
+            if probe.format in BROWSER_FORMATS and probe.mode in BROWSER_MODES:
+                return path
+            probe.draft("RGB", (max_side, max_side))  # JPEG: decode at a fraction of the size
+            image = to_rgb(probe)
+    except Exception:  # not an image, truncated, or PIL refusing it: the analysis says why
+        return None
+    image.thumbnail((max_side, max_side))
+    return image
 
 
 def central_part(image: Image.Image, max_ratio: float = MAX_ASPECT_RATIO) -> Image.Image:
@@ -309,12 +332,7 @@ class DetectorPool:
 
     def analyse_files(self, paths: list[str], num_samples, names: Names = None) -> list[dict]:
         """One answer per file; a file that cannot be read gives ``{"file", "error"}`` and the others still run."""
-        if not paths:
-            raise ValueError("no images given")
-        if len(paths) > MAX_BATCH_IMAGES:
-            raise ValueError(f"{len(paths)} images given; at most {MAX_BATCH_IMAGES} per batch")
-        self.select(names)  # refuse a bad detector choice once, not once per file
-        checked_num_samples(num_samples)
+        self.check_batch(paths, num_samples, names)
         answers = []
         for path in paths:
             try:
@@ -322,6 +340,16 @@ class DetectorPool:
             except ValueError as err:
                 answers.append({"file": Path(path).name, "error": str(err)})
         return answers
+
+    def check_batch(self, paths: list[str], num_samples, names: Names = None) -> None:
+        """``ValueError`` for a batch refused as a whole: no files, too many, a bad detector choice or T (checked once,
+        not once per file)."""
+        if not paths:
+            raise ValueError("no images given")
+        if len(paths) > MAX_BATCH_IMAGES:
+            raise ValueError(f"{len(paths)} images given; at most {MAX_BATCH_IMAGES} per batch")
+        self.select(names)
+        checked_num_samples(num_samples)
 
     def describe(self) -> dict:
         return {"loaded": [d.describe() for d in self.detectors.values()],

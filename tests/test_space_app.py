@@ -1,6 +1,7 @@
 """The Space served for real on 127.0.0.1, called through gradio_client: every endpoint, a load failure, a corpus of bad
-and unusual files, repeatability, and concurrent clients. Detectors are tiny exported ones (the released ones may not
-exist yet), plus one bogus id that must fail to load without taking the others down."""
+and unusual files, repeatability, concurrent clients, and what the uploaded file itself says (generator parameters,
+camera EXIF and a C2PA credential survive the upload; broken files are answered). Detectors are tiny exported ones
+(the released ones may not exist yet), plus one bogus id that must fail to load without taking the others down."""
 
 import io
 import json
@@ -28,7 +29,11 @@ from hub_models import BayesFakeConfig, BayesFakeDetector  # noqa: E402
 from hub_models.export import export_detector  # noqa: E402
 from hub_models.hub import load_detector  # noqa: E402
 from hub_models.image_processing_bayesfake import load_image  # noqa: E402
-from space import app, detectors  # noqa: E402
+from space import app, detectors, provenance  # noqa: E402
+
+# The evidence package's own test files: generator parameters, EXIF, a C2PA credential signed by a throwaway CA.
+from test_evidence import A1111, c2pa_signing, photo, png_bytes  # noqa: E402, F401 - c2pa_signing is a fixture
+from test_evidence import jpeg_bytes as evidence_jpeg  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO_ROOT / "space" / "examples"
@@ -169,9 +174,9 @@ def predict(client, path, num_samples=8, detectors=None):
 # Endpoints
 
 
-def test_api_lists_exactly_the_four_endpoints(client):
+def test_api_lists_exactly_the_five_endpoints(client):
     assert set(client.view_api(return_format="dict", print_info=False)["named_endpoints"]) == {
-        "/predict", "/predict_batch", "/explain", "/models"}
+        "/predict", "/predict_batch", "/explain", "/evidence", "/models"}
 
 
 def test_explain_returns_the_models_own_gradients(client, detector_dirs):
@@ -389,6 +394,197 @@ def test_plain_string_paths_are_refused(client):
     """A bare string would name a file on the server: the API only accepts uploaded files."""
     with pytest.raises(AppError):
         client.predict(str(FAKE_EXAMPLE), 8, None, api_name="/predict")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# What the file itself says (the evidence package), through the real server
+
+
+EVIDENCE_FIELDS = {"findings", "summary", "errors", "says", "strong", "checked", "format", "size"}
+
+
+def camera_jpeg() -> bytes:
+    exif = Image.Exif()
+    exif[0x010F], exif[0x0110] = "Canon", "Canon EOS R5"
+    exif.get_ifd(0x8769)[0x9003] = "2024:05:01 10:11:12"
+    return evidence_jpeg(photo(320, 240), exif)
+
+
+@pytest.fixture(scope="module")
+def evidence_files(tmp_path_factory, c2pa_signing):
+    """name -> path: generator parameters (A1111 PNG), camera EXIF (JPEG), a valid C2PA AI credential (JPEG), no
+    metadata, an empty file, and the A1111 PNG cut in half (its parameters chunk is before the cut)."""
+    folder = tmp_path_factory.mktemp("evidence")
+    a1111 = png_bytes(photo(320, 240), {"parameters": A1111})
+    files = {
+        "a1111.png": a1111,
+        "camera.jpg": camera_jpeg(),
+        "c2pa.jpg": c2pa_signing["sign"](evidence_jpeg(photo(320, 240)), "image/jpeg",
+                                         "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"),
+        "plain.png": png_bytes(photo(320, 240)),
+        "empty.png": b"",
+        "truncated.png": a1111[: len(a1111) // 2],
+    }
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    return {name: folder / name for name in files}
+
+
+def read_evidence_of(client, path):
+    return client.predict(handle_file(str(path)), api_name="/evidence")
+
+
+def test_predict_answers_what_a_file_with_generator_parameters_says(client, evidence_files, detector_dirs):
+    answer = predict(client, evidence_files["a1111.png"])
+    assert list(answer["detectors"]) == detector_dirs and set(answer["detectors"][detector_dirs[0]]) >= RESULT_FIELDS
+    found = answer["evidence"]
+    assert set(found) >= EVIDENCE_FIELDS
+    assert found["says"] == "ai-generated" and found["strong"] is True
+    [finding] = found["findings"]
+    assert finding["kind"] == "parameters" and finding["strong"] and finding["fields"]["Seed"] == "1234567"
+    assert finding["proves"].startswith("Proves:") and "Does not prove" in finding["proves"]
+    assert found == read_evidence_of(client, evidence_files["a1111.png"])  # /evidence: the same, without detectors
+
+
+def test_camera_exif_survives_the_upload(client, evidence_files):
+    found = predict(client, evidence_files["camera.jpg"])["evidence"]
+    assert found["says"] == "camera" and found["strong"] is False  # EXIF is a weak label, never proof
+    [finding] = found["findings"]
+    assert finding["kind"] == "exif" and finding["fields"]["Model"] == "Canon EOS R5"
+    assert "does not show the image is real" in found["summary"]
+
+
+def test_a_c2pa_credential_survives_the_upload_and_validates(client, evidence_files):
+    """The signature covers the file's bytes: it validates only if the Space reads exactly what was uploaded."""
+    found = predict(client, evidence_files["c2pa.jpg"])["evidence"]
+    assert found["says"] == "ai-generated" and found["strong"] is True
+    finding = found["findings"][0]
+    assert finding["kind"] == "c2pa" and finding["fields"]["validation"] == "valid"
+    assert finding["fields"]["signer"] == "bayesfake test signer"
+    text, tone = provenance.headline(found, predict(client, evidence_files["c2pa.jpg"]))
+    assert tone == "ai" and text.startswith(
+        "The file itself says it was made by an AI generator (valid C2PA credential from 'bayesfake test signer').")
+
+
+def test_a_file_without_metadata_is_no_evidence_either_way(client, evidence_files):
+    answer = predict(client, evidence_files["plain.png"])
+    assert answer["evidence"]["says"] == "none" and answer["evidence"]["findings"] == []
+    text, tone = provenance.headline(answer["evidence"], answer)
+    assert tone == "none" and text.startswith("Pixel detectors: ")
+    assert "No provenance evidence in the file; this does not mean the image is real." in text
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # Pillow's "Truncated File Read"
+def test_empty_and_truncated_files_get_a_clear_error_and_the_server_keeps_answering(client, evidence_files):
+    for name, phrase in (("empty.png", "the file is empty (0 bytes)"), ("truncated.png", "truncated")):
+        with pytest.raises(AppError) as caught:
+            predict(client, evidence_files[name])
+        assert name in str(caught.value) and phrase in str(caught.value)
+        assert set(predict(client, FAKE_EXAMPLE)["detectors"])  # still answering
+    empty = read_evidence_of(client, evidence_files["empty.png"])
+    assert empty["findings"] == [] and empty["says"] == "none" and "empty file (0 bytes)" in empty["errors"][0]
+    # The truncated PNG's pixels cannot be decoded, but its parameters chunk came before the cut
+    truncated = read_evidence_of(client, evidence_files["truncated.png"])
+    assert truncated["says"] == "ai-generated" and truncated["strong"] is True
+    assert any("truncated" in error for error in truncated["errors"])
+    text, tone = provenance.headline(truncated, None, "truncated.png: not a readable image")
+    assert tone == "ai" and "could not analyse the image: truncated.png" in text
+    answers = client.predict([handle_file(str(evidence_files[name])) for name in ("truncated.png", "a1111.png",
+                                                                                   "empty.png")],
+                             8, None, api_name="/predict_batch")
+    assert [a.get("error", "").split(":")[0] for a in answers] == ["truncated.png", "", "empty.png"]
+    assert [a["evidence"]["says"] for a in answers] == ["ai-generated", "ai-generated", "none"]
+    assert answers[1] == predict(client, evidence_files["a1111.png"])
+    assert read_evidence_of(client, FAKE_EXAMPLE)["says"] == "none"
+
+
+def test_evidence_refuses_what_every_endpoint_refuses(client):
+    with pytest.raises(AppError):
+        client.predict(str(FAKE_EXAMPLE), api_name="/evidence")  # a server path, not an upload
+
+
+def test_batch_table_and_csv_carry_the_evidence_columns(client, evidence_files):
+    answers = client.predict([handle_file(str(evidence_files[name])) for name in ("a1111.png", "empty.png",
+                                                                                   "camera.jpg")],
+                             4, None, api_name="/predict_batch")
+    table = app.batch_table(answers)
+    assert list(table.columns) == app.TABLE_COLUMNS and app.TABLE_COLUMNS[-3:] == [
+        "evidence", "evidence_strong", "evidence_summary"]
+    by_file = {name: rows for name, rows in table.groupby("file")}
+    assert set(by_file["a1111.png"]["evidence"]) == {"ai-generated"} and by_file["a1111.png"]["evidence_strong"].all()
+    assert len(by_file["a1111.png"]) == 2  # a row per detector, each with the file's evidence
+    assert list(by_file["empty.png"]["evidence"]) == ["none"] and "empty" in by_file["empty.png"]["error"].iloc[0]
+    assert set(by_file["camera.jpg"]["evidence"]) == {"camera"} and not by_file["camera.jpg"]["evidence_strong"].any()
+    csv_text = Path(app.write_batch_csv(table)).read_text()
+    assert csv_text.splitlines()[0].endswith(",warnings,evidence,evidence_strong,evidence_summary")
+    assert "Strong evidence of AI generation" in csv_text
+
+
+def test_evidence_is_read_on_its_own_threads_beside_the_detectors(detector_dirs, evidence_files, monkeypatch):
+    """The read overlaps the decoding and the forwards, and never takes the inference thread other requests wait for."""
+    threads = []
+    real = provenance.evidence.read_evidence
+    monkeypatch.setattr(provenance.evidence, "read_evidence",
+                        lambda *a, **k: threads.append(threading.current_thread().name) or real(*a, **k))
+    pool = detectors.DetectorPool.load(detector_dirs)
+    answer = provenance.analyse_file(pool, provenance.EvidenceReader(), str(evidence_files["a1111.png"]), 4)
+    assert answer["evidence"]["says"] == "ai-generated"
+    assert [name.rsplit("_", 1)[0] for name in threads] == ["bayesfake-evidence"]
+    with pytest.raises(ValueError, match="num_samples"):  # refused before anything is read
+        provenance.analyse_file(pool, provenance.EvidenceReader(), str(evidence_files["a1111.png"]), 0)
+    assert len(threads) == 1
+
+
+def test_a_read_that_hangs_or_fails_still_gets_an_answer_of_the_same_shape(evidence_files, monkeypatch):
+    path = str(evidence_files["a1111.png"])
+    monkeypatch.setattr(provenance.evidence, "read_evidence", lambda *a, **k: time.sleep(2))
+    found = provenance.EvidenceReader(timeout_s=0.2).read(path)
+    assert set(found) >= EVIDENCE_FIELDS and found["says"] == "none" and "abandoned" in found["errors"][0]
+    monkeypatch.setattr(provenance.evidence, "read_evidence", lambda *a, **k: 1 / 0)
+    found = provenance.EvidenceReader().read(path)
+    assert found["strong"] is False and "ZeroDivisionError" in found["errors"][0]
+    assert "no provenance evidence either way" in provenance.headline(found, None, "x: unreadable")[0]
+
+
+def test_trusted_c2pa_signers_come_from_the_environment(c2pa_signing, monkeypatch, tmp_path):
+    camera = c2pa_signing["sign"](evidence_jpeg(photo(320, 240)), "image/jpeg",
+                                  "http://cv.iptc.org/newscodes/digitalsourcetype/digitalCapture")
+    (tmp_path / "camera.jpg").write_bytes(camera)
+    monkeypatch.delenv(provenance.TRUST_ANCHORS_ENV, raising=False)
+    untrusted = provenance.EvidenceReader.from_env().read(str(tmp_path / "camera.jpg"))
+    assert untrusted["says"] == "camera" and untrusted["strong"] is False  # a self-made key can sign "camera"
+    (tmp_path / "anchors.pem").write_text(c2pa_signing["ca_pem"])
+    monkeypatch.setenv(provenance.TRUST_ANCHORS_ENV, str(tmp_path / "anchors.pem"))
+    trusted = provenance.EvidenceReader.from_env().read(str(tmp_path / "camera.jpg"))
+    assert trusted["says"] == "camera" and trusted["strong"] is True
+    text, tone = provenance.headline(trusted)
+    assert tone == "camera" and "not proof that the scene is genuine" in text and " is real" not in text
+    monkeypatch.setenv(provenance.TRUST_ANCHORS_ENV, str(tmp_path / "missing.pem"))
+    with pytest.raises(ValueError, match="cannot read the C2PA trust anchors"):
+        provenance.EvidenceReader.from_env()
+
+
+def test_the_headline_never_counts_missing_evidence_as_real():
+    def result(verdicts, warnings=()):
+        return {"detectors": {f"d{i}": {"verdict": v, "warnings": list(warnings)} for i, v in enumerate(verdicts)}}
+
+    nothing = {"findings": [], "summary": "No provenance evidence found in the file. This does not mean the image is "
+               "real.", "errors": [], "says": "none", "strong": False, "checked": {"c2pa": "no embedded C2PA store"}}
+    text, tone = provenance.headline(nothing, result(["likely real", "likely real"]))
+    first, second, third = text.split("\n\n")
+    assert tone == "none" and first == "Pixel detectors: likely real (both agree)."
+    assert second == "No provenance evidence in the file; this does not mean the image is real."
+    assert "not proof" in third
+    text, _ = provenance.headline(nothing, result(["likely real", "uncertain: needs human review", "likely real"],
+                                                  ["far"]))
+    assert text.startswith("Pixel detectors: no agreement (2 likely real, 1 uncertain).")
+    assert "far from the detectors' training data" in text
+    weak = {**nothing, "says": "camera", "summary": "Weak camera evidence only: ... does not show the image is real.",
+            "findings": [{"kind": "exif", "says": "camera", "strong": False, "detail": "", "proves": "", "fields": {}}]}
+    text, tone = provenance.headline(weak, result(["likely real"]))
+    assert tone == "none" and "Weak camera evidence only" in text
+    panel = provenance.panel(weak)
+    assert "Weak hint · EXIF tags · says: **camera capture**" in panel and "What was looked at" in panel
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -19,7 +19,10 @@ import gradio  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from gradio_client import Client  # noqa: E402
+from test_evidence import A1111, photo, png_bytes  # noqa: E402
 from test_space_app import EXAMPLES, FAKE_EXAMPLE, REAL_EXAMPLE, free_port, launch_space, predict  # noqa: E402
+
+from gradio_client import handle_file  # noqa: E402
 
 from hub_models.hub import CODE_FILES, HUB_MODELS_DIR, check_repo_folder  # noqa: E402
 from space import build  # noqa: E402
@@ -28,7 +31,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("cifake-mcdropout-cnn", "cifake-vi-bcnn")
 MODEL_IDS = [f"bayesfake/{name}" for name in MODELS]
 PINNED = ("torch", "torchvision", "timm", "transformers", "accelerate", "safetensors", "huggingface-hub",
-          "bayesian-torch", "gradio-client", "matplotlib", "numpy", "pandas", "pillow")
+          "bayesian-torch", "gradio-client", "matplotlib", "numpy", "pandas", "pillow", "c2pa-python")
+EVIDENCE_DIR = REPO_ROOT / "evidence"
 START_TIMEOUT_S = 180
 
 
@@ -76,10 +80,14 @@ def installed(name: str) -> str:
 
 def test_the_folder_holds_the_app_the_package_and_the_chosen_releases(built):
     assert {p.name for p in built.iterdir()} == {"README.md", "requirements.txt", "models.txt", "app.py",
-                                                 "detectors.py", "charts.py", "examples", "hub_models"}
+                                                 "detectors.py", "provenance.py", "charts.py", "examples",
+                                                 "hub_models", "evidence"}
     assert [p for p in built.rglob("*") if p.is_symlink()] == []
-    for name in ("app.py", "detectors.py", "charts.py"):
+    for name in ("app.py", "detectors.py", "provenance.py", "charts.py"):
         assert (built / name).read_bytes() == (REPO_ROOT / "space" / name).read_bytes()
+    # the evidence package whole (its modules import each other), as real files
+    assert {p.name: p.read_bytes() for p in (built / "evidence").iterdir()} == {
+        p.name: p.read_bytes() for p in EVIDENCE_DIR.glob("*.py")}
     assert sorted(p.name for p in (built / "examples").iterdir()) == sorted(p.name for p in EXAMPLES.iterdir())
     package = built / "hub_models"
     assert {"__init__.py", "hub.py", *CODE_FILES} <= {p.name for p in package.glob("*.py")}
@@ -110,7 +118,7 @@ def test_requirements_are_pinned_to_the_installed_versions_and_sdk_version_to_gr
 def test_every_third_party_import_of_the_folder_is_pinned(built):
     """Read the folder's code independently of the build: each module it imports is in the standard library, in the
     folder, gradio (the SDK), or from a pinned distribution."""
-    own = {p.stem for p in built.glob("*.py")} | {"hub_models"}
+    own = {p.stem for p in built.glob("*.py")} | {"hub_models", "evidence"}
     modules = set()
     for path in built.rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -119,7 +127,7 @@ def test_every_third_party_import_of_the_folder_is_pinned(built):
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 modules.add(node.module.split(".")[0])
     third_party = modules - set(sys.stdlib_module_names) - own - {"__future__"}
-    assert {"torch", "transformers", "gradio", "PIL", "bayesian_torch"} <= third_party
+    assert {"torch", "transformers", "gradio", "PIL", "bayesian_torch", "c2pa"} <= third_party
     provided_by = importlib.metadata.packages_distributions()
     pinned = set(requirements(built)) | {"gradio"}
     for module in third_party:
@@ -157,14 +165,19 @@ def test_the_folder_imports_its_own_hub_models_even_beside_an_editable_install(b
     run = subprocess.run([sys.executable, "app.py", "--show-paths"], cwd=built, env=clean_env(tmp_path),
                          capture_output=True, text=True, check=True)
     assert json.loads(run.stdout) == {"app": str(built / "app.py"), "detectors": str(built / "detectors.py"),
-                                      "hub_models": str(built / "hub_models")}
+                                      "hub_models": str(built / "hub_models"), "evidence": str(built / "evidence")}
     # the isolated Python really cannot see this checkout (so the served test below proves the folder is complete)
-    probe = "import importlib.util as u; print([u.find_spec(m) for m in ('hub_models', 'space', 'train')])"
+    probe = ("import importlib.util as u; "
+             "print([u.find_spec(m) for m in ('hub_models', 'space', 'train', 'evidence')])")
     assert subprocess.run([isolated_python, "-c", probe], cwd=tmp_path, env=clean_env(tmp_path), capture_output=True,
-                          text=True, check=True).stdout.strip() == "[None, None, None]"
+                          text=True, check=True).stdout.strip() == "[None, None, None, None]"
 
 
 def test_the_folder_serves_the_in_repo_spaces_answers(built, tmp_path, isolated_python):
+    """/predict and /evidence from the folder equal the in-repo Space's; the folder's own evidence package reads a
+    file's generator parameters."""
+    generated = tmp_path / "generated.png"
+    generated.write_bytes(png_bytes(photo(320, 240), {"parameters": A1111}))
     port = free_port()
     env = clean_env(tmp_path, GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port))
     log_path = tmp_path / "server.log"
@@ -186,13 +199,18 @@ def test_the_folder_serves_the_in_repo_spaces_answers(built, tmp_path, isolated_
         print(f"\nbuilt Space: first /models answer {time.monotonic() - start:.1f} s after start")
         assert [m["name"] for m in models["loaded"]] == MODEL_IDS and models["failed"] == []  # models.txt
         assert f"hub_models': '{built / 'hub_models'}'" in log_path.read_text()  # the start-up log names its code
-        served = [predict(client, image, num_samples=30) for image in (FAKE_EXAMPLE, REAL_EXAMPLE)]
+        served = [predict(client, image, num_samples=30) for image in (FAKE_EXAMPLE, REAL_EXAMPLE, generated)]
+        found = client.predict(handle_file(str(generated)), api_name="/evidence")
+        assert f"evidence': '{built / 'evidence'}'" in log_path.read_text()
     finally:
         process.terminate()
         process.wait(timeout=30)
     demo, url = launch_space(MODEL_IDS)
     try:
         reference = Client(url, verbose=False)
-        assert served == [predict(reference, image, num_samples=30) for image in (FAKE_EXAMPLE, REAL_EXAMPLE)]
+        assert served == [predict(reference, image, num_samples=30)
+                          for image in (FAKE_EXAMPLE, REAL_EXAMPLE, generated)]
+        assert found == reference.predict(handle_file(str(generated)), api_name="/evidence")
+        assert found["says"] == "ai-generated" and found["strong"] is True and served[2]["evidence"] == found
     finally:
         demo.close()

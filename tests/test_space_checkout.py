@@ -1,5 +1,6 @@
-"""``python space/app.py`` in a second checkout runs that checkout's hub_models, not the package of whichever checkout
-was installed in editable mode (space/hub_models is a symlink to ../hub_models, and sys.path[0] is space/)."""
+"""``python space/app.py`` in a second checkout runs that checkout's hub_models and evidence packages, not those of
+whichever checkout was installed in editable mode (space/hub_models and space/evidence are symlinks to ../hub_models and
+../evidence, and sys.path[0] is space/)."""
 
 import json
 import os
@@ -30,7 +31,7 @@ def test_a_second_checkouts_app_imports_its_own_hub_models(tmp_path):
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE)
                for how, (argv, cwd) in runs.items()}
     expected = {"app": str(second / "space" / "app.py"), "detectors": str(second / "space" / "detectors.py"),
-                "hub_models": str(second / "hub_models")}
+                "hub_models": str(second / "hub_models"), "evidence": str(second / "evidence")}
     for how, process in started.items():
         out, err = process.communicate(timeout=300)
         assert process.returncode == 0, f"{how}: {err}"
