@@ -88,10 +88,7 @@ def apply_layer(layer: nn.Module, x: torch.Tensor, num_samples: int, stochastic:
     if isinstance(layer, (Conv2dFlipout, LinearFlipout)) and layer.training:
         return layer(x, return_kl=False)
     t = num_samples
-    weight = mu_w + _softplus_sigma(rho_w) * torch.randn((t, *mu_w.shape), device=x.device, dtype=x.dtype)
-    bias = None
-    if mu_b is not None:
-        bias = mu_b + _softplus_sigma(rho_b) * torch.randn((t, *mu_b.shape), device=x.device, dtype=x.dtype)
+    weight, bias = sample_weights(layer, t, x.dtype)
     b = x.shape[0] // t
     if is_conv:
         # [B*T, C, H, W] image-major is a free view of [B, T*C, H, W]: sample t only sees weight group t.
@@ -107,6 +104,37 @@ def apply_layer(layer: nn.Module, x: torch.Tensor, num_samples: int, stochastic:
     if bias is not None:
         out = out + bias
     return out.reshape(b * t, -1)
+
+
+def sample_weights(layer: nn.Module, num_samples: int,
+                   dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """T weight samples [T, *weight.shape] and T bias samples (or None) of a bayesian-torch layer, drawn from the
+    global RNG in the one order every sampling path uses: all weights, then all biases. ``apply_layer`` draws through
+    here, and so do the paths that draw every layer first (the T-pass loop, adaptive sampling): they see the very same
+    samples for the same seed."""
+    mu_w, rho_w, mu_b, rho_b = _layer_params(layer)
+    dtype = dtype or mu_w.dtype
+    t = num_samples
+    weight = mu_w + _softplus_sigma(rho_w) * torch.randn((t, *mu_w.shape), device=mu_w.device, dtype=dtype)
+    bias = None
+    if mu_b is not None:
+        bias = mu_b + _softplus_sigma(rho_b) * torch.randn((t, *mu_b.shape), device=mu_b.device, dtype=dtype)
+    return weight, bias
+
+
+def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor | None,
+                   norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Conv weight and bias with an eval-mode BatchNorm folded in: conv(x, w', b') = norm(conv(x, w, b)) up to float
+    round-off (~1e-6 here), one pass over the activations instead of two."""
+    scale = torch.rsqrt(norm.running_var + norm.eps)
+    if norm.weight is not None:
+        scale = norm.weight * scale
+    shift = -norm.running_mean * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias
+    if bias is not None:
+        shift = shift + bias * scale
+    return weight * scale.view(-1, *([1] * (weight.dim() - 1))), shift
 
 
 def shared_dropout(x: torch.Tensor, p: float, num_samples: int) -> torch.Tensor:
@@ -177,9 +205,58 @@ class ScratchCNN(nn.Module):
         self.norms = nn.ModuleList(nn.BatchNorm2d(chans[i + 1]) for i in range(6))
         self.num_features = widths[2]
 
+    @property
+    def bayesian(self) -> bool:
+        return isinstance(self.convs[0], BAYES_CONV)
+
     def forward(self, x: torch.Tensor, num_samples: int = 1, stochastic: bool = False) -> torch.Tensor:
-        for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
-            x = F.relu(norm(apply_layer(conv, x, num_samples, stochastic)))
+        """Pooled features of ``x`` [B*T, 3, H, W] (image-major; T = ``num_samples`` weight samples of a variational
+        CNN, else T = 1).
+
+        In eval mode each BatchNorm is folded into its conv and the activations are channels-last (the same function
+        up to float round-off, ~1e-6, about 1.6x faster here), and a variational CNN draws every layer's T weight samples
+        first, in the order ``apply_layer`` draws them, then runs T plain passes (faster on CPU than one grouped conv per
+        layer, with the same samples for the same seed). Training keeps the plain layers (batch statistics, flipout).
+        """
+        if self.training:
+            for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
+                x = F.relu(norm(apply_layer(conv, x, num_samples, stochastic)))
+                if i in (1, 3):
+                    x = F.max_pool2d(x, 2)
+            return x.mean(dim=(2, 3))
+        quantized = self.__dict__.get("_int8")
+        if not (self.bayesian and stochastic):
+            if quantized is not None:
+                return quantized(x.contiguous(memory_format=torch.channels_last))
+            return self.sample_pass(x, self.mean_weights())
+        draws = self.draw_samples(num_samples, x.dtype)
+        b, t = x.shape[0] // num_samples, num_samples
+        images = x.reshape(b, t, *x.shape[1:])
+        features = [self.sample_pass(images[:, i], [(w[i], None if bias is None else bias[i]) for w, bias in draws])
+                    for i in range(t)]
+        return torch.stack(features, 1).reshape(b * t, -1)
+
+    def mean_weights(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """(weight, bias) of each conv: the plain weights, or a variational layer's posterior mean."""
+        out = []
+        for conv in self.convs:
+            if isinstance(conv, BAYES_CONV):
+                mu_w, _, mu_b, _ = _layer_params(conv)
+                out.append((mu_w, mu_b))
+            else:
+                out.append((conv.weight, conv.bias))
+        return out
+
+    def draw_samples(self, num_samples: int, dtype: torch.dtype | None = None) -> list:
+        """T weight (and bias) samples of every conv, in layer order: the draws one stochastic forward makes."""
+        return [sample_weights(conv, num_samples, dtype) for conv in self.convs]
+
+    def sample_pass(self, x: torch.Tensor, weights: list) -> torch.Tensor:
+        """One eval-mode pass of images ``x`` [B, 3, H, W] with one weight sample per conv: [B, D] features."""
+        x = x.contiguous(memory_format=torch.channels_last)
+        for i, ((weight, bias), conv, norm) in enumerate(zip(weights, self.convs, self.norms)):
+            weight, bias = fold_batchnorm(weight, bias, norm)
+            x = F.conv2d(x, weight, bias, **_conv_args(conv)).relu_()
             if i in (1, 3):
                 x = F.max_pool2d(x, 2)
         return x.mean(dim=(2, 3))
@@ -196,6 +273,10 @@ class TimmBackbone(nn.Module):
         self.num_features = self.model.num_features
 
     def forward(self, x: torch.Tensor, num_samples: int = 1, stochastic: bool = False) -> torch.Tensor:
+        # Channels-last activations in eval mode: oneDNN's NHWC kernels (depthwise convs above all) make MobileNetV2 and
+        # EfficientNet-Lite0 1.6-2.3x faster on CPU here, the features equal to ~1e-5.
+        if not self.training:
+            x = x.contiguous(memory_format=torch.channels_last)
         return self.model(x)
 
 
@@ -214,14 +295,34 @@ class ClassifierHead(nn.Module):
         self.dropout = config.dropout if config.head != "variational" else 0.0
         self.layers = nn.ModuleList(make_linear(config, sizes[i], sizes[i + 1], bayesian) for i in range(len(sizes) - 1))
 
-    def forward(self, x: torch.Tensor, num_samples: int = 1, stochastic: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, num_samples: int = 1, stochastic: bool = False,
+                shared: bool = False) -> torch.Tensor:
+        """Logits [B*T, 2] (image-major) of ``x`` [B*T, D]; or of ``x`` [B, D] shared by the T samples when ``shared``
+        (eval mode), which gives the same numbers without first copying every image's features T times."""
         drop = self.dropout > 0 and (self.training or (stochastic and self.mc_dropout))
+        t = num_samples
+        if shared and (self.training or t == 1):
+            x, shared = x.repeat_interleave(t, 0), False
         for i, layer in enumerate(self.layers):
             if drop and self.training:
                 x = F.dropout(x, self.dropout, training=True)
+            elif drop and shared:  # the T masks broadcast over the images: one pass writes the [B*T, D] rows
+                keep = torch.empty((t, x.shape[-1]), device=x.device, dtype=x.dtype).bernoulli_(1.0 - self.dropout)
+                x = (x.unsqueeze(1) * (keep / (1.0 - self.dropout))).reshape(-1, x.shape[-1])
+                shared = False
             elif drop:
                 x = shared_dropout(x, self.dropout, num_samples)
-            x = apply_layer(layer, x, num_samples, stochastic)
+            if shared:  # no dropout here: every sample's first layer sees the same features
+                if stochastic and isinstance(layer, BAYES_LINEAR):
+                    weight, bias = sample_weights(layer, t, x.dtype)
+                    x = torch.einsum("bi,toi->bto", x, weight)
+                    x = (x if bias is None else x + bias).reshape(-1, x.shape[-1])
+                else:
+                    x = apply_layer(layer, x, 1, stochastic)
+                    x = x.unsqueeze(1).expand(x.shape[0], t, x.shape[-1]).reshape(-1, x.shape[-1])
+                shared = False
+            else:
+                x = apply_layer(layer, x, num_samples, stochastic)
             if i < len(self.layers) - 1:
                 x = F.relu(x)
         return x
@@ -398,9 +499,12 @@ class BayesFakeDetector(BayesFakePreTrainedModel):
                            stochastic: bool = True) -> torch.Tensor:
         """Logits [T, B, 2] of the head on ``features`` ([B, D] shared by the T samples, or [B*T, D])."""
         t = num_samples
-        if features.shape[0] == batch:
-            features = features.unsqueeze(1).expand(batch, t, features.shape[-1]).reshape(batch * t, -1)
-        logits = self.head(features, t, stochastic)
+        if features.shape[0] == batch and isinstance(self.head, ClassifierHead):
+            logits = self.head(features, t, stochastic, shared=True)
+        else:
+            if features.shape[0] == batch:
+                features = features.unsqueeze(1).expand(batch, t, features.shape[-1]).reshape(batch * t, -1)
+            logits = self.head(features, t, stochastic)
         return logits.reshape(batch, t, -1).transpose(0, 1)
 
     def sample_logits(self, pixel_values: torch.Tensor, num_samples: int, stochastic: bool = True) -> torch.Tensor:
