@@ -206,7 +206,7 @@ def test_a_feature_run_resumes_bit_exact(tmp_path, backbone_file, monkeypatch, o
     from safetensors.torch import load_file
 
     pretrained = load_file(str(backbone_file))
-    assert all(torch.equal(v, pretrained[k]) for k, v in resumed.model.backbone.model.state_dict().items())
+    assert all(torch.equal(v.cpu(), pretrained[k]) for k, v in resumed.model.backbone.model.state_dict().items())
 
 
 def test_a_feature_run_is_adam_on_the_heads_sampled_logits(tmp_path, backbone_file, monkeypatch, one_thread):
@@ -214,14 +214,17 @@ def test_a_feature_run_is_adam_on_the_heads_sampled_logits(tmp_path, backbone_fi
     the released heads): re-seeded, Adam at a constant rate over every batch of epoch_order, the partial last one
     included, cross-entropy of one dropout draw of the head's raw logits. The shared trainer gives it bit for bit."""
     import torch.nn.functional as F
+    from accelerate import Accelerator
 
     from train.data import epoch_order
 
     monkeypatch.setenv("BAYESFAKE_CACHE", str(tmp_path / "cache"))
     data = make_image_folder(tmp_path / "data", n_per_class=12, corrupt=0)
     cfg = load_config(write_frozen_config(tmp_path, data, backbone_file, batch_size=5, weight_decay=1e-3))
+    device = Accelerator().device  # where the trainer runs
     model, _ = build_model(cfg)
-    x, y = load_data(cfg, model, progress=False).train
+    x, y = (t.to(device) for t in load_data(cfg, model, progress=False).train)
+    model.to(device)
     torch.manual_seed(cfg.seed)
     optimizer = torch.optim.Adam(model.head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     for epoch in range(cfg.epochs):

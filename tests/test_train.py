@@ -153,7 +153,7 @@ def load_weights(folder):
 
 
 def same_weights(a, b) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
 
 
 def checkpoint_position(out_dir) -> tuple[int, int]:
