@@ -93,7 +93,7 @@ QUEUE_MAX_SIZE = 256
 TABLE_COLUMNS = ["file", "detector", "verdict", "P(FAKE)", "std", "epistemic", "aleatoric", "total", "T", "error",
                  "warnings", "evidence", "evidence_strong", "evidence_summary"]
 PAGE_TABLE_COLUMNS = TABLE_COLUMNS[:-1]
-PAGE_TABLE_WIDTHS = ["9%", "10%", "8%", "6%", "5%", "7%", "7%", "5%", "3%", "10%", "14%", "8%", "8%"]
+PAGE_TABLE_WIDTHS = ["8%", "9%", "8%", "8%", "6%", "8%", "9%", "7%", "3%", "7%", "11%", "8%", "8%"]  # headers unbroken
 # The headline's look: a box whose edge says what kind of answer it is (strong AI evidence, strong camera evidence,
 # the detectors' guess, nothing analysed); its first paragraph is the answer.
 PAGE_CSS = """
@@ -352,7 +352,10 @@ def build_demo(model_ids: list[str], reader: provenance.EvidenceReader | None = 
         proves, fields), summary, errors, says (ai-generated, ai-edited, camera or none), strong, checked, format,
         size. A broken or empty file is answered too, with what could not be read in errors."""
         try:
-            return reader.read(uploaded_path(image))
+            path = uploaded_path(image)
+            if not os.path.isfile(path):
+                raise ValueError(f"{Path(path).name}: no such file")
+            return reader.read(path)
         except ValueError as err:
             raise gr.Error(str(err), print_exception=False) from err
 

@@ -84,12 +84,17 @@ class EvidenceReader:
             raise ValueError(f"${TRUST_ANCHORS_ENV}: cannot read the C2PA trust anchors {path}: {err}") from err
 
     def read_now(self, path: str) -> dict:
-        """``read_evidence(path)`` on this thread; never raises."""
+        """``read_evidence(path)`` on this thread; never raises. Messages name the uploaded file, never the server's
+        path to it."""
         try:
-            return evidence.read_evidence(path, trust_anchors=self.trust_anchors)
+            found = evidence.read_evidence(path, trust_anchors=self.trust_anchors)
         except Exception as err:  # read_evidence does not raise on bad input: this would be a bug, said plainly
             log.exception("evidence read failed on %s", path)
-            return unread(f"the evidence reader failed: {type(err).__name__}: {err}")
+            found = unread(f"the evidence reader failed: {type(err).__name__}: {err}")
+        name = Path(path).name
+        found["errors"] = [str(e).replace(path, name) for e in found["errors"]]
+        found["summary"] = str(found["summary"]).replace(path, name)
+        return found
 
     def start(self, path: str) -> Future:
         """Start reading ``path`` on the evidence threads; ``result`` gives the answer."""

@@ -498,6 +498,25 @@ def test_empty_and_truncated_files_get_a_clear_error_and_the_server_keeps_answer
     assert read_evidence_of(client, FAKE_EXAMPLE)["says"] == "none"
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_every_unreadable_file_is_answered_by_evidence_without_server_paths(client, tmp_path):
+    """/evidence reads what it can of any uploaded file: the corpus of unreadable images (a 100M-pixel bomb, a corrupt
+    JPEG, text) gets an answer, never a crash, and its messages name the file, not the server's path to it."""
+    for name, (path, _) in unreadable_files(tmp_path).items():
+        start = time.perf_counter()
+        found = read_evidence_of(client, path)
+        assert time.perf_counter() - start < 10, name
+        assert set(found) >= EVIDENCE_FIELDS and found["strong"] is False, name
+        assert "/tmp/gradio" not in json.dumps(found) and gradio_upload_folder() not in json.dumps(found), name
+    assert read_evidence_of(client, FAKE_EXAMPLE)["errors"] == []  # still answering
+
+
+def gradio_upload_folder() -> str:
+    import gradio.utils
+
+    return str(gradio.utils.get_upload_folder())
+
+
 def test_evidence_refuses_what_every_endpoint_refuses(client):
     with pytest.raises(AppError):
         client.predict(str(FAKE_EXAMPLE), api_name="/evidence")  # a server path, not an upload

@@ -1,7 +1,10 @@
 """The Space's page driven in Debian's chromium with Playwright: upload, analyse, charts, verdict, a bad file, the batch
-tab. Screenshots go to the test's tmp_path. Needs /usr/bin/chromium (scripts/test.sh installs it on a fresh machine)."""
+tab, and what the file itself says (the headline and the evidence panel, from files uploaded by the browser as they
+are). Screenshots go to the test's tmp_path. Needs /usr/bin/chromium (scripts/test.sh installs it on a fresh
+machine)."""
 
 import os
+import re
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -9,7 +12,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import pytest  # noqa: E402
 from playwright.sync_api import expect, sync_playwright  # noqa: E402
-from test_space_app import BOGUS_ID, EXAMPLES, export_tiny_detectors, launch_space  # noqa: E402
+from test_evidence import A1111, photo, png_bytes  # noqa: E402
+from test_space_app import BOGUS_ID, EXAMPLES, camera_jpeg, export_tiny_detectors, launch_space  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -86,7 +90,8 @@ def test_a_bad_file_gets_a_clear_message_and_the_page_keeps_working(page, tmp_pa
     expect(page.locator(".toast-body.warning")).to_contain_text("not_an_image.png: not a readable image")
     wait_until_idle(page)
     page.screenshot(path=str(tmp_path / "space_bad_file.png"), full_page=True)
-    page.locator("#image-input button[aria-label='Remove Image']").click()
+    page.locator("#image-input").get_by_role("button", name="Clear").click()
+    expect(page.locator("#headline")).to_contain_text("Upload an image or pick an example")
     page.locator("#image-input input[type=file]").set_input_files(str(EXAMPLES / "cifake_real_1.jpg"))
     expect(page.locator("#verdict")).to_contain_text("P(FAKE) =")
     expect(page.locator("#p-fake-plot img")).to_be_visible()
@@ -105,7 +110,10 @@ def test_batch_tab_gives_a_table_a_csv_and_charts(page, tmp_path):
         expect(table).to_contain_text(name)
     expect(page.locator("#batch-csv")).to_contain_text(".csv")
     csv_text = page.request.get(page.locator("#batch-csv a").first.get_attribute("href")).text()
-    assert csv_text.startswith("file,detector,verdict,P(FAKE),std,epistemic,aleatoric,total,T,error,warnings")
+    assert csv_text.startswith("file,detector,verdict,P(FAKE),std,epistemic,aleatoric,total,T,error,warnings,"
+                               "evidence,evidence_strong,evidence_summary")
+    expect(page.locator("#batch-status")).to_contain_text("no file carries strong provenance evidence")
+    expect(page.locator("#batch-status")).to_contain_text("cifake_real_2.jpg: No provenance evidence found")
     assert csv_text.count("cifake_real_2.jpg") == 2 and "broken.jpg" in csv_text  # a row per detector, and the error
     for chart in ("batch-p-fake-plot", "batch-epistemic-plot"):
         expect(page.locator(f"#{chart} img")).to_be_visible()
@@ -119,3 +127,60 @@ def test_clicking_an_example_analyses_it(page):
     expect(page.locator("#verdict")).to_contain_text("cifake_real_3.jpg: 32x32 px")
     expect(page.locator("#verdict")).to_contain_text("P(FAKE) =")
     expect(page.locator(".toast-body")).to_have_count(0)
+    # no metadata: the detectors' guess is the answer, and the missing evidence is not taken for "real"
+    expect(page.locator("#headline")).to_contain_text("Pixel detectors: ")
+    expect(page.locator("#headline")).to_contain_text(
+        "No provenance evidence in the file; this does not mean the image is real.")
+    expect(page.locator("#image-preview img")).to_be_visible()
+
+
+def boxes(page, *ids) -> dict:
+    return {i: page.locator(f"#{i}").bounding_box() for i in ids}
+
+
+def overlap(a: dict, b: dict) -> bool:
+    return not (a["x"] + a["width"] <= b["x"] or b["x"] + b["width"] <= a["x"] or a["y"] + a["height"] <= b["y"]
+                or b["y"] + b["height"] <= a["y"])
+
+
+def test_a_file_with_generator_settings_gets_the_headline_and_the_evidence_panel(page, tmp_path):
+    """The browser uploads the PNG as it is (a plain file input: nothing re-encoded), so its A1111 parameters reach the
+    Space: the headline says so first, in one sentence, and the panel explains the finding in plain words."""
+    generated = tmp_path / "generated_fox.png"
+    generated.write_bytes(png_bytes(photo(640, 480), {"parameters": A1111}))
+    page.locator("#image-input input[type=file]").set_input_files(str(generated))
+    headline, panel = page.locator("#headline"), page.locator("#evidence-panel")
+    expect(headline).to_contain_text("The file itself says it was made by an AI generator (it carries "
+                                     "AUTOMATIC1111-style web UI generation settings).")
+    expect(headline).to_have_class(re.compile(r"\btone-ai\b"))
+    expect(headline).to_contain_text("Pixel detectors, a separate and weaker signal")
+    expect(panel).to_contain_text("Strong evidence · Generator settings · says: made by AI")
+    expect(panel).to_contain_text("Seed: 1234567")
+    expect(panel).to_contain_text("Does not prove it beyond doubt")
+    expect(page.locator("#verdict")).to_contain_text("P(FAKE) =")
+    expect(page.locator("#image-preview img")).to_be_visible()
+    wait_until_idle(page)
+    # one clear answer first: the headline tops the result column, and nothing overlaps it
+    found = boxes(page, "headline", "evidence-panel", "verdict", "image-input", "image-preview")
+    assert found["headline"]["y"] < found["evidence-panel"]["y"] < found["verdict"]["y"]
+    assert abs(found["headline"]["y"] - found["image-input"]["y"]) < 5  # level with the upload, not below the fold
+    assert all(not overlap(found[a], found[b]) for a, b in (
+        ("headline", "evidence-panel"), ("evidence-panel", "verdict"), ("headline", "image-preview"),
+        ("evidence-panel", "image-preview"), ("image-input", "image-preview")))
+    first_line = page.locator("#headline p").first
+    assert first_line.evaluate("e => parseFloat(getComputedStyle(e).fontSize)") > page.locator(
+        "#evidence-panel p").first.evaluate("e => parseFloat(getComputedStyle(e).fontSize)")
+    shot = tmp_path / "space_evidence.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 50_000
+
+
+def test_camera_exif_survives_the_browser_upload(page, tmp_path):
+    """An image input would re-encode the JPEG and drop its EXIF before the Space sees it; the file input keeps it."""
+    camera = tmp_path / "camera.jpg"
+    camera.write_bytes(camera_jpeg())
+    page.locator("#image-input input[type=file]").set_input_files(str(camera))
+    expect(page.locator("#evidence-panel")).to_contain_text("Weak hint · EXIF tags · says: camera capture")
+    expect(page.locator("#evidence-panel")).to_contain_text("Canon EOS R5")
+    expect(page.locator("#headline")).to_contain_text("does not show the image is real")
+    expect(page.locator("#headline")).to_have_class(re.compile(r"\btone-none\b"))

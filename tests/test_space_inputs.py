@@ -137,6 +137,7 @@ def test_the_batch_takes_a_detector_named_by_a_plain_string(client, detector_dir
 
 
 def test_a_call_without_arguments_says_no_image_given(server):
+    assert call_http(server, "evidence", [])[1]["error"] == "no image given"
     for endpoint in ("predict", "explain"):
         assert call_http(server, endpoint, [])[1]["error"] == "no image given"
         assert call_http(server, endpoint, [None, 8, None])[1]["error"] == "no image given"
@@ -156,6 +157,8 @@ def test_a_file_that_was_not_uploaded_is_refused_by_name(server, path):
     for data, endpoint in (([{"path": path, "meta": FILE_META}, 8, None], "predict"),
                            ([{"path": path}, 8, None], "predict"),  # no FileData meta: gradio does not check it
                            ([{"path": path, "meta": FILE_META}, 8, None], "explain"),
+                           ([{"path": path, "meta": FILE_META}], "evidence"),
+                           ([{"path": path}], "evidence"),
                            ([[{"path": path, "meta": FILE_META}], 8, None], "predict_batch"),
                            ([[{"path": path}], 8, None], "predict_batch")):
         event, payload = call_http(server, endpoint, data)
@@ -166,6 +169,8 @@ def test_a_file_that_was_not_uploaded_is_refused_by_name(server, path):
 def test_a_missing_file_in_the_upload_folder_is_named(server):
     path = os.path.join(gradio.utils.get_upload_folder(), "no-such-upload", "x.png")
     event, payload = call_http(server, "predict", [{"path": path, "meta": FILE_META}, 8, None])
+    assert event == "error" and payload["error"] == "x.png: no such file"
+    event, payload = call_http(server, "evidence", [{"path": path, "meta": FILE_META}])
     assert event == "error" and payload["error"] == "x.png: no such file"
 
 
@@ -178,6 +183,7 @@ def test_a_file_elsewhere_on_the_server_is_never_opened(server, tmp_path):
     try:
         for endpoint, data in (("predict", [{"path": str(secret)}, 8, None]),
                                ("explain", [{"path": str(secret)}, 8, None]),
+                               ("evidence", [{"path": str(secret)}]),
                                ("predict_batch", [[{"path": str(secret)}], 8, None]),
                                ("predict", [{"path": str(secret), "meta": FILE_META}, 8, None])):
             event, payload = call_http(server, endpoint, data)
