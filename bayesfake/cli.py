@@ -8,8 +8,13 @@
     bayesfake serve [--models a,b] [--torch-threads N]  the Space on http://127.0.0.1:7860 (space.app)
     bayesfake build-space OUT_DIR [--models a,b]        a pushable Space folder (space.build)
     bayesfake evidence FILE ...                         provenance read from the files themselves (evidence)
+    bayesfake score SOURCE --out results.parquet [--detectors a,b] [--num-samples T] [--no-evidence]
+                                                        score a folder or data set into parquet, resumable
+                                                        (bayesfake.score; under accelerate launch: split across
+                                                        processes, e.g. accelerate launch --cpu --num_processes 2
+                                                        -m bayesfake score ...)
 
-``bayesfake SUBCOMMAND --help`` shows the options of each. Scoring folders at scale (``score``) is planned.
+``bayesfake SUBCOMMAND --help`` shows the options of each.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ COMMANDS = {
     "serve": ("space.app", "start the Space (Gradio page and API) on the detectors"),
     "build-space": ("space.build", "write a pushable Space folder with the chosen detectors"),
     "evidence": ("evidence.__main__", "read provenance evidence (C2PA, IPTC, generator parameters, EXIF, watermark)"),
+    "score": ("bayesfake.score", "score an image folder or data set with the detectors into a parquet file (resumable, "
+              "distributed under accelerate launch)"),
 }
 HEADLINE_METRICS = (("cls/acc", "acc"), ("cal/ece", "ECE"), ("sc/auroc_entropy", "err-det AUROC"))
 
