@@ -114,9 +114,10 @@ def subsample(inputs: np.ndarray, labels: np.ndarray, max_n: int | None, seed: i
     return inputs[keep], labels[keep]
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, prog: str = "python -m train.evaluate") -> dict:
+    """The command line; returns the report. ``prog`` is how it was called (usage, and the card's default command)."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="python -m train.evaluate", description=__doc__,
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_dir", help="trained detector folder (training's OUT/final, or a Hub repo folder)")
     parser.add_argument("--split", default="test", help="split to evaluate on (calibration always uses val)")
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.export:
         from hub_models.export import export_detector
 
-        command = args.command or shlex.join(["python", "-m", "train.evaluate", *argv])
+        command = args.command or shlex.join([*shlex.split(prog), *argv])
         release = {k: v for k, v in (("version", args.version), ("notes", args.notes)) if v is not None}
         folder = export_detector(model, args.export, report=report, plots=[out_dir / p for p in report["plots"]],
                                  command=command, **release)

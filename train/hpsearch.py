@@ -21,9 +21,10 @@ from train.config import load_config
 from train.search import parse_grid, run_search, write_table
 
 
-def main(argv: list[str] | None = None, prog: str = "train.hpsearch") -> list[dict]:
+def main(argv: list[str] | None = None, prog: str = "python -m train.hpsearch") -> list[dict]:
+    """The command line; returns the table's rows. ``prog`` is how it was called (usage, and the table's command)."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog=f"python -m {prog}", description=__doc__,
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config")
     parser.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2")
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None, prog: str = "train.hpsearch") -> list[di
     args = parser.parse_args(argv)
     name = load_config(args.config, args.set).name
     rows = run_search(args.config, parse_grid(args.grid), args.set, args.root)
-    write_table(rows, Path(args.out), f"Hyper-parameter search: {name}", shlex.join(["python", "-m", prog, *argv]))
+    write_table(rows, Path(args.out), f"Hyper-parameter search: {name}", shlex.join([*shlex.split(prog), *argv]))
     print(Path(args.out).read_text())
     return rows
 

@@ -22,9 +22,10 @@ from train.config import load_config
 from train.trainer import train
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, prog: str = "python -m train.train") -> None:
+    """The command line; ``prog`` is how it was called (shown in usage, recorded in the model card)."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = argparse.ArgumentParser(prog="python -m train.train", description=__doc__,
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", help="YAML TrainConfig (train/configs/*.yaml, train/configs/frozen/*.yaml)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="override config keys (model.KEY for the model config)")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.set)
-    result = train(cfg, resume=args.resume, command=shlex.join(["python", "-m", "train.train", *argv]))
+    result = train(cfg, resume=args.resume, command=shlex.join([*shlex.split(prog), *argv]))
     print(f"model written to {result.final}")
 
 
