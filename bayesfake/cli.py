@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import json
 import sys
 from pathlib import Path
@@ -97,9 +98,13 @@ def main(argv: list[str] | None = None) -> None:
         return info(rest)
     if command not in COMMANDS:
         parser.parse_args([command])  # argparse's own "invalid choice" error, listing the commands
-    module = importlib.import_module(COMMANDS[command][0])
-    sys.argv[0] = f"bayesfake {command}"
-    module.main(rest)
+    run = importlib.import_module(COMMANDS[command][0]).main
+    prog = f"bayesfake {command}"
+    sys.argv[0] = prog  # usage lines of the parsers that take their name from the program
+    # Modules that record their command (in a model card) take it as prog, so it reads as the user typed it.
+    result = run(rest, prog=prog) if "prog" in inspect.signature(run).parameters else run(rest)
+    if isinstance(result, int) and not isinstance(result, bool):  # an exit status (evidence)
+        raise SystemExit(result)
 
 
 if __name__ == "__main__":
