@@ -473,3 +473,163 @@ def test_post_init_variational_layers():
     for layer in model.bayesian_layers():
         assert torch.equal(layer.prior_weight_mu, torch.full_like(layer.prior_weight_mu, 0.1))
         assert torch.equal(layer.prior_weight_sigma, torch.full_like(layer.prior_weight_sigma, 0.5))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Fast eval paths (folded BatchNorm, channels-last, T-pass loop) and adaptive sampling
+
+
+def _reference_logits(model, x, t, seed):
+    """The pre-speed-up computation, by hand: every layer through apply_layer (grouped convs over the T samples),
+    eval BatchNorm as its own op, the head on features copied T times; the same RNG draws in the same order."""
+    import hub_models.modeling_bayesfake as mb
+
+    b = x.shape[0]
+    sampled_backbone = model.backbone_stochastic
+    with torch.no_grad(), mb.sampling_rng(seed, None, x.device):
+        h = x.unsqueeze(1).expand(b, t, *x.shape[1:]).reshape(b * t, *x.shape[1:]) if sampled_backbone else x
+        for i, (conv, norm) in enumerate(zip(model.backbone.convs, model.backbone.norms)):
+            h = F.relu(norm(apply_layer(conv, h, t if sampled_backbone else 1, sampled_backbone)))
+            if i in (1, 3):
+                h = F.max_pool2d(h, 2)
+        features = h.mean(dim=(2, 3))
+        if not sampled_backbone:
+            features = features.unsqueeze(1).expand(b, t, features.shape[-1]).reshape(b * t, -1)
+        logits = model.head(features, t, True)
+    return logits.reshape(b, t, -1).transpose(0, 1)
+
+
+@pytest.mark.parametrize("kind", STOCHASTIC_HEADS, ids=STOCHASTIC_IDS)
+def test_fast_eval_path_gives_the_plain_layers_samples(kind):
+    """Folded BatchNorm, channels-last activations, the T-pass loop of an all-layer VI model and the head on shared
+    features change only float round-off: the same samples as the plain layer-by-layer computation, same seed."""
+    model = build(*kind)
+    x = images(b=4)
+    with torch.no_grad():
+        out = model(x, num_samples=T, seed=11)
+    expected = torch.softmax(_reference_logits(model, x, T, 11), dim=-1)
+    torch.testing.assert_close(out.sample_probs, expected, atol=1e-5, rtol=0)
+
+
+def test_fold_batchnorm_matches_conv_then_norm():
+    from hub_models.modeling_bayesfake import fold_batchnorm
+
+    torch.manual_seed(0)
+    norm = torch.nn.BatchNorm2d(5).eval()
+    norm.running_mean.normal_()
+    norm.running_var.uniform_(0.5, 2.0)
+    norm.weight.data.normal_()
+    norm.bias.data.normal_()
+    weight, bias, x = torch.randn(5, 3, 3, 3), torch.randn(5), torch.randn(2, 3, 8, 8)
+    w, b = fold_batchnorm(weight, bias, norm)
+    with torch.no_grad():
+        torch.testing.assert_close(F.conv2d(x, w, b, padding=1), norm(F.conv2d(x, weight, bias, padding=1)),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_default_output_has_no_adaptive_field():
+    model = build("variational", "all")
+    with torch.no_grad():
+        out = model(images(), num_samples=T, seed=0)
+    assert out.num_samples_used is None and "num_samples_used" not in out.keys()
+
+
+@pytest.fixture
+def never_settle(monkeypatch):
+    """Adaptive sampling whose rule never stops early: it must then give the fixed-T answer exactly."""
+    import hub_models.modeling_bayesfake as mb
+
+    monkeypatch.setattr(mb, "ADAPTIVE_Z", 1e9)
+
+
+@pytest.mark.parametrize("kind", STOCHASTIC_HEADS, ids=STOCHASTIC_IDS)
+def test_adaptive_that_uses_every_sample_is_the_fixed_answer(kind, never_settle):
+    model = build(*kind)
+    x = images(b=4)
+    with torch.no_grad():
+        fixed = model(x, num_samples=12, seed=4)
+        adaptive = model(x, num_samples=12, seed=4, adaptive=True)
+    assert adaptive.num_samples_used.tolist() == [12] * 4
+    for name in ("probs", "sample_probs", "std", "predictive_entropy", "mutual_information", "expected_entropy"):
+        torch.testing.assert_close(getattr(adaptive, name), getattr(fixed, name), atol=1e-6, rtol=0, msg=name)
+    assert model.verdicts(adaptive) == model.verdicts(fixed)
+
+
+@pytest.mark.parametrize("kind", [("mc_dropout", "head", "reparameterization"),
+                                  ("variational", "all", "reparameterization"), ("variational", "all", "flipout")],
+                         ids=["mc_dropout", "all-reparameterization", "all-flipout"])
+def test_adaptive_stops_settled_images_early_with_a_prefix_of_the_fixed_samples(kind):
+    import hub_models.modeling_bayesfake as mb
+
+    model = build(*kind, threshold=0.5)
+    last = model.head.layers[-1]
+    with torch.no_grad():  # sharper logits: some images far from the threshold (they settle), some near it
+        (last.mu_weight if hasattr(last, "mu_weight") else last.weight).mul_(40.0)
+    x = images(b=6) * torch.tensor([0.0, 0.5, 1.0, 2.0, 4.0, 8.0]).view(6, 1, 1, 1)
+    t = 20
+    with torch.no_grad():
+        fixed = model(x, num_samples=t, seed=2)
+        out = model(x, num_samples=t, seed=2, adaptive=True)
+    used = out.num_samples_used
+    assert used.shape == (6,) and used.dtype == torch.long
+    assert ((used >= mb.ADAPTIVE_FIRST) & (used <= t)).all()
+    assert used.min() < t and used.max() > mb.ADAPTIVE_FIRST  # some stopped early, some needed more samples
+    for i, n in enumerate(used.tolist()):
+        # The first n samples are the fixed call's; the rest were never drawn (NaN), and the statistics are theirs.
+        torch.testing.assert_close(out.sample_probs[:n, i], fixed.sample_probs[:n, i], atol=1e-6, rtol=0)
+        assert torch.isnan(out.sample_probs[n:, i]).all()
+        torch.testing.assert_close(out.probs[i], fixed.sample_probs[:n, i].mean(0), atol=1e-6, rtol=0)
+        torch.testing.assert_close(out.std[i], fixed.sample_probs[:n, i].std(0, unbiased=False), atol=1e-6, rtol=0)
+    assert torch.allclose(out.predictive_entropy, out.mutual_information + out.expected_entropy, atol=1e-5)
+    # Batch-independent, like the fixed call: each image alone stops where it stopped in the batch.
+    with torch.no_grad():
+        alone = [model(x[i:i + 1], num_samples=t, seed=2, adaptive=True) for i in (0, 5)]
+    assert [a.num_samples_used.item() for a in alone] == [used[0].item(), used[5].item()]
+    torch.testing.assert_close(torch.cat([a.probs for a in alone]), out.probs[[0, 5]], atol=1e-6, rtol=0)
+
+
+def test_adaptive_rule_stops_far_from_every_cut_point_and_goes_on_near_one():
+    model = build("variational", "all", threshold=0.5, reject_entropy=0.5)
+    cuts = model.verdict_cut_points()
+    # H(p) = 0.5 nats at p ~ 0.199 and 0.801; the threshold 0.5 lies inside the "uncertain" band, so it is no cut.
+    assert len(cuts) == 2 and cuts[0] == pytest.approx(1 - cuts[1]) and 0.19 < cuts[0] < 0.21
+    far = torch.full((3, 1), 0.02)          # agrees, far from both cuts
+    near = torch.full((3, 1), cuts[1] + 0.01)  # agrees, just past a cut: more samples could move the mean across
+    spread = torch.tensor([[0.05], [0.6], [0.95]])  # far on average, but the samples disagree
+    settled = model.adaptive_settled(torch.cat([far, near, spread], 1), t=30)
+    assert settled.tolist() == [True, False, False]
+    assert model.adaptive_settled(torch.cat([far, near, spread], 1), t=3).all()  # n = T: always settled
+    assert build("mc_dropout", threshold=0.3).verdict_cut_points() == [pytest.approx(0.3)]
+
+
+def test_adaptive_is_refused_in_training_and_plain_for_deterministic_heads():
+    model = build("variational", "all").train()
+    with pytest.raises(ValueError, match="eval"):
+        model(images(), num_samples=4, adaptive=True)
+    det = build("deterministic")
+    with torch.no_grad():
+        out = det(images(), num_samples=T, adaptive=True)
+    assert out.num_samples_used.tolist() == [T] * B
+    torch.testing.assert_close(out.probs, plain_probs(det, images()), atol=1e-6, rtol=0)
+
+
+def test_int8_backbone_is_opt_in_close_and_reversible():
+    model = build("mc_dropout", cnn_widths=[8, 16, 16])
+    x = images(b=32, seed=5)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        before = model(x, num_samples=T, seed=1)
+        model.quantize_int8(x)
+        assert model.is_quantized
+        quantized = model(x, num_samples=T, seed=1)
+        explained = model.explain(x[:2], num_samples=T, seed=1)["output"]  # explain needs gradients: float weights
+    assert (quantized.probs - before.probs).abs().max() < 0.1
+    assert not torch.equal(quantized.probs, before.probs)
+    torch.testing.assert_close(explained.probs, before.probs[:2], atol=1e-5, rtol=0)
+    assert model.state_dict().keys() == state.keys()  # nothing new to save; the float weights are untouched
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    model.dequantize()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, num_samples=T, seed=1).probs, before.probs, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="only the from-scratch CNN"):
+        build("variational", "all").quantize_int8(x)
