@@ -34,15 +34,8 @@ from __future__ import annotations
 
 import json
 
-SOURCE_SAYS = {
-    "trainedalgorithmicmedia": "ai-generated",
-    "compositewithtrainedalgorithmicmedia": "ai-edited",
-    "digitalcapture": "camera",
-    "computationalcapture": "camera",
-    "negativefilm": "camera",
-    "positivefilm": "camera",
-    "print": "camera",
-}
+from .iptc import SOURCE_SAYS  # C2PA actions use the IPTC digital source type vocabulary
+
 ORDER = ("ai-generated", "ai-edited", "camera", "none")
 # Failure codes that do not make a credential invalid for our purpose: an unknown signer is reported, not failed.
 NOT_FAILURES = {"signingCredential.untrusted", "signingCredential.ocsp.skipped", "timeStamp.untrusted"}
