@@ -2,7 +2,12 @@
 
     bayesfake score SOURCE [--detectors a,b] --out results.parquet [--num-samples T] [--adaptive] [--split NAME]
         [--batch-size 128] [--chunk-size 1024] [--no-evidence] [--seed S] [--limit N] [--threads N]
-    accelerate launch [--cpu] --num_processes N -m bayesfake score SOURCE ... --out results.parquet
+    accelerate launch --multi_gpu --num_processes N -m bayesfake score SOURCE ... --out results.parquet
+    torchrun --nproc_per_node N -m bayesfake score SOURCE ... --out results.parquet
+
+(``--multi_gpu`` is Accelerate's torchrun-style launcher; without a GPU each process runs on the CPU and they meet over
+gloo. ``accelerate launch --cpu --num_processes N`` starts a single process here: Accelerate 1.x runs several CPU
+processes only through mpirun.)
 
 SOURCE is an image folder (searched recursively, files with an image suffix, in sorted order), a ``.parquet`` file, a
 Hugging Face ``datasets`` folder (a parquet/arrow/csv/json data set, or one written by ``save_to_disk``) or a Hub data
@@ -37,6 +42,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -433,8 +439,8 @@ def _decode(record: Record):
         image = load_image(record.data)
         image.load()
         return image, None
-    except ValueError as err:
-        return None, str(err)
+    except ValueError as err:  # PIL names the in-memory file by its address: drop it, so reruns write the same text
+        return None, re.sub(r" object at 0x[0-9a-fA-F]+", " object", str(err))
 
 
 def _evidence_columns(data: bytes | None) -> dict:
@@ -477,9 +483,14 @@ def _state():
     import torch
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from datetime import timedelta
+
         from accelerate import PartialState
 
-        state = PartialState()
+        # gloo on CPU (accelerate picks MULTI_CPU when told cpu=True under a torchrun-style launch), NCCL on GPUs;
+        # a long timeout, since a process that finishes its share waits at the barrier for the others.
+        cpu = not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+        state = PartialState(cpu=cpu, timeout=timedelta(hours=24))
         return state.process_index, state.num_processes, state.wait_for_everyone, state.device
     device = torch.device("cuda" if torch.cuda.is_available() and os.environ.get("ACCELERATE_USE_CPU", "").lower()
                           not in ("1", "true", "yes") else "cpu")
@@ -592,8 +603,7 @@ def main(argv: list[str] | None = None) -> dict:
                     adaptive=args.adaptive, evidence=not args.no_evidence, split=args.split,
                     batch_size=args.batch_size, chunk_size=args.chunk_size, limit=args.limit, threads=args.threads,
                     progress=not args.quiet)
-    if summary["rank"] == 0:
-        print(json.dumps(summary), file=sys.stderr)
+    print(json.dumps(summary), file=sys.stderr)  # one line per process
     return summary
 
 

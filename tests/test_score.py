@@ -1,0 +1,259 @@
+"""bayesfake score: streaming a folder or data set through the detectors into parquet, resumable, split across
+processes. Everything runs on a handful of images made here, with the released 32 px CNN at a few samples."""
+
+import hashlib
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from bayesfake import score as score_mod
+from bayesfake.cli import main as cli_main
+from bayesfake.score import iter_source, score
+from hub_models.hub import load_detector
+
+DETECTOR = "bayesfake/cifake-mcdropout-cnn"
+COLUMN = "cifake-mcdropout-cnn"
+T = 4
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
+
+
+def image_bytes(seed: int, fmt: str = "PNG", size: int = 32) -> bytes:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    image = Image.fromarray(base).resize((size, size), Image.Resampling.BILINEAR)
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """Five images in nested folders, a corrupt one, and a text file that is no image."""
+    root = tmp_path / "images"
+    (root / "b" / "deep").mkdir(parents=True)
+    files = {"a.png": image_bytes(0), "b/c.jpg": image_bytes(1, "JPEG"), "b/deep/d.png": image_bytes(2, size=48),
+             "e.webp": image_bytes(3, "WEBP"), "f.png": image_bytes(4, size=20), "broken.jpg": b"\xff\xd8 not really"}
+    for name, data in files.items():
+        (root / name).write_bytes(data)
+    (root / "notes.txt").write_text("not an image")
+    return root, files
+
+
+@pytest.fixture(scope="module")
+def detector():
+    return load_detector(DETECTOR)
+
+
+def rows_of(path: Path) -> list[dict]:
+    return pq.read_table(path).to_pylist()
+
+
+def run(source, out, **kwargs) -> dict:
+    kwargs.setdefault("detectors", [DETECTOR])
+    kwargs.setdefault("num_samples", T)
+    kwargs.setdefault("progress", False)
+    kwargs.setdefault("threads", 1)
+    return score(source, out, **kwargs)
+
+
+def assert_same_rows(a: list[dict], b: list[dict], atol: float = 1e-5) -> None:
+    assert [r["key"] for r in a] == [r["key"] for r in b]
+    for x, y in zip(a, b):
+        assert x.keys() == y.keys()
+        for name in x:
+            if isinstance(x[name], float) and isinstance(y[name], float):
+                assert abs(x[name] - y[name]) <= atol, (x["key"], name, x[name], y[name])
+            else:
+                assert x[name] == y[name], (x["key"], name)
+
+
+def test_folder_rows_are_keyed_hashed_and_equal_the_model(folder, tmp_path, detector):
+    root, files = folder
+    out = tmp_path / "results.parquet"
+    summary = run(root, out, chunk_size=2, batch_size=3)
+    rows = rows_of(out)
+    # Recursive, sorted, images only; one row each, in stream order; the parts are merged away.
+    assert [r["key"] for r in rows] == ["a.png", "b/c.jpg", "b/deep/d.png", "broken.jpg", "e.webp", "f.png"]
+    assert [r["index"] for r in rows] == list(range(6))
+    assert summary["scored"] == 6 and summary["errors"] == 1 and summary["rows"] == 6
+    assert not score_mod.parts_dir(out).exists()
+    model, processor = detector
+    for row in rows:
+        data = files[row["key"]]
+        assert row["sha256"] == hashlib.sha256(data).hexdigest()
+        assert row["evidence_says"] == "none" and row["evidence_summary"]
+        if row["key"] == "broken.jpg":  # unreadable: a row with the reason, no scores
+            assert "not a readable image" in row["error"] and row[f"{COLUMN}/p_fake"] is None
+            continue
+        assert row["error"] is None
+        with torch.no_grad():  # the model's own answer, alone, with its default seed
+            out_ = model(processor(data, return_tensors="pt")["pixel_values"], num_samples=T)
+        assert row[f"{COLUMN}/p_fake"] == pytest.approx(out_.probs[0, 1].item(), abs=1e-5)
+        assert row[f"{COLUMN}/std"] == pytest.approx(out_.std[0, 1].item(), abs=1e-5)
+        for name in ("predictive_entropy", "mutual_information", "expected_entropy"):
+            assert row[f"{COLUMN}/{name}"] == pytest.approx(getattr(out_, name)[0].item(), abs=1e-5)
+        assert row[f"{COLUMN}/verdict"] == model.verdicts(out_)[0]
+        assert row[f"{COLUMN}/num_samples"] == T
+    # No in_domain / domain_score columns unless the model's output has them.
+    assert not any(name.endswith(("/in_domain", "/domain_score")) for name in rows[0])
+
+
+def test_optional_output_fields_become_columns_when_present(folder, tmp_path, monkeypatch):
+    """Fields another release may add to the output (in_domain, domain_score) are written when the model has them."""
+    real_call = torch.nn.Module.__call__
+
+    def with_domain(self, *args, **kwargs):
+        out = real_call(self, *args, **kwargs)
+        if type(self).__name__ == "BayesFakeDetector":
+            b = out.probs.shape[0]
+            out["in_domain"] = torch.arange(b) % 2 == 0
+            out["domain_score"] = torch.linspace(0, 1, b)
+        return out
+
+    monkeypatch.setattr(torch.nn.Module, "__call__", with_domain)
+    out = tmp_path / "r.parquet"
+    run(folder[0], out, evidence=False, batch_size=8)
+    rows = rows_of(out)
+    scored = [r for r in rows if r["error"] is None]
+    assert [r[f"{COLUMN}/in_domain"] for r in scored] == [True, False, True, False, True]
+    assert scored[-1][f"{COLUMN}/domain_score"] == pytest.approx(1.0)
+    assert "evidence_says" not in rows[0]  # --no-evidence
+
+
+@pytest.fixture
+def dataset_folder(tmp_path):
+    """A Hub-style data set folder: README configs and parquet shards with image structs and a ClassLabel."""
+    import datasets
+
+    root = tmp_path / "ds"
+    (root / "data").mkdir(parents=True)
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["REAL", "FAKE"])})
+    for split, seeds in (("train", [10, 11, 12]), ("test", [20, 21])):
+        table = datasets.Dataset.from_dict(
+            {"image": [{"bytes": image_bytes(s), "path": None} for s in seeds], "label": [s % 2 for s in seeds]},
+            features=features)
+        table.to_parquet(str(root / "data" / f"{split}-00000-of-00001.parquet"))
+    (root / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+                                    "    path: data/train-*.parquet\n  - split: test\n    path: data/test-*.parquet\n"
+                                    "---\n# tiny\n")
+    return root
+
+
+def test_datasets_folder_and_parquet_file_sources(dataset_folder, tmp_path):
+    out = tmp_path / "all.parquet"
+    run(dataset_folder, out, evidence=False)
+    rows = rows_of(out)
+    assert [r["key"] for r in rows] == ["train/0", "train/1", "train/2", "test/0", "test/1"]
+    assert [r["label"] for r in rows] == ["REAL", "FAKE", "REAL", "REAL", "FAKE"]
+    assert [r["sha256"] for r in rows[3:]] == [hashlib.sha256(image_bytes(s)).hexdigest() for s in (20, 21)]
+    only_test = tmp_path / "test.parquet"
+    run(dataset_folder, only_test, evidence=False, split="test")
+    assert_same_rows([{**r, "index": r["index"] - 3, "key": r["key"]} for r in rows[3:]],
+                     [{**r} for r in rows_of(only_test)])
+    # One parquet file read in record batches: keys are FILE_STEM/ROW, same answers for the same bytes.
+    single = tmp_path / "single.parquet"
+    run(dataset_folder / "data" / "test-00000-of-00001.parquet", single, evidence=False)
+    got = rows_of(single)
+    assert [r["key"] for r in got] == ["test-00000-of-00001/0", "test-00000-of-00001/1"]
+    assert [r[f"{COLUMN}/p_fake"] for r in got] == pytest.approx([r[f"{COLUMN}/p_fake"] for r in rows[3:]], abs=1e-6)
+    assert [r["label"] for r in got] == ["0", "1"]  # a bare parquet file has no class names
+
+
+def test_iter_source_streams_a_folder_lazily(folder):
+    stream = iter_source(folder[0])
+    first = next(stream)
+    assert first.key == "a.png" and first.data == folder[1]["a.png"] and first.index == 0
+    assert [r.key for r in stream][-1] == "f.png"
+
+
+def test_a_killed_run_resumes_with_no_row_lost_or_duplicated(folder, tmp_path, monkeypatch):
+    reference = tmp_path / "reference.parquet"
+    run(folder[0], reference, chunk_size=2, evidence=False)
+    out = tmp_path / "results.parquet"
+    written = []
+    real_write = score_mod.write_part
+
+    def dies_on_third_part(table, where, name):
+        if len(written) == 2:  # as a kill -9 would: a half-written temporary file, no rename, nothing more
+            (where / (name + ".tmp")).write_bytes(b"PAR1 half a file")
+            raise KeyboardInterrupt("killed")
+        written.append(name)
+        return real_write(table, where, name)
+
+    monkeypatch.setattr(score_mod, "write_part", dies_on_third_part)
+    with pytest.raises(KeyboardInterrupt):
+        run(folder[0], out, chunk_size=2, evidence=False)
+    assert not out.exists() and len(list(score_mod.parts_dir(out).glob("*.parquet"))) == 2
+    monkeypatch.setattr(score_mod, "write_part", real_write)
+    summary = run(folder[0], out, chunk_size=2, evidence=False)
+    assert summary["skipped"] == 4 and summary["scored"] == 2
+    assert_same_rows(rows_of(out), rows_of(reference))
+    # Done: a rerun scores nothing; a new image is scored alone and merged in; other settings are refused.
+    assert run(folder[0], out, evidence=False)["scored"] == 0
+    (folder[0] / "g.png").write_bytes(image_bytes(9))
+    assert run(folder[0], out, evidence=False)["scored"] == 1
+    keys = [r["key"] for r in rows_of(out)]
+    assert sorted(keys) == sorted([r["key"] for r in rows_of(reference)] + ["g.png"]) and len(set(keys)) == len(keys)
+    with pytest.raises(ValueError, match="other settings"):
+        run(folder[0], out, evidence=False, num_samples=T + 1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_two(source, out):
+    accelerate = shutil.which("accelerate", path=str(Path(sys.executable).parent)) or "accelerate"
+    # accelerate's torchrun-style launcher (--multi_gpu) starts N processes; without a GPU they run on the CPU
+    # and meet over gloo (accelerate launch --cpu starts one process only).
+    cmd = [accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           "-m", "bayesfake", "score", str(source), "--out", str(out), "--detectors", DETECTOR,
+           "--num-samples", str(T), "--chunk-size", "1", "--no-evidence", "--threads", "1", "--quiet"]
+    done = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stderr
+
+
+def test_two_processes_split_the_work_and_merge_to_the_single_process_answer(folder, tmp_path):
+    root, _ = folder
+    lone = tmp_path / "lone"
+    lone.mkdir()
+    shutil.copy(root / "a.png", lone / "a.png")
+    out = tmp_path / "two.parquet"
+    # Fewer images than processes: one process has nothing to do and still meets the other at the end.
+    log = launch_two(lone, out)
+    assert '"world_size": 2' in log and [r["key"] for r in rows_of(out)] == ["a.png"]
+    # Then the folder grows to six (an uneven split of the five new ones); the run resumes on both processes.
+    for path in root.rglob("*"):
+        if path.is_file() and path.name != "a.png":
+            target = lone / path.relative_to(root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(path, target)
+    launch_two(lone, out)
+    single = tmp_path / "single.parquet"
+    run(lone, single, evidence=False, chunk_size=1)
+    two, one = rows_of(out), rows_of(single)
+    assert sorted(r["key"] for r in two) == sorted(r["key"] for r in one)
+    assert len({r["key"] for r in two}) == len(two) == 6
+    by_key = {r["key"]: r for r in two}
+    assert_same_rows([{**by_key[r["key"]], "index": r["index"]} for r in one], one)
+
+
+def test_the_command_reaches_score(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli_main(["score", "--help"])
+    text = capsys.readouterr().out
+    assert exit_.value.code == 0 and "--no-evidence" in text and "--num-samples" in text
