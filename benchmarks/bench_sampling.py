@@ -1,7 +1,10 @@
-"""Cost of T-sample Monte Carlo inference, per head kind, against one deterministic pass and a naive loop of T passes.
+"""Cost of T-sample Monte Carlo inference, per head kind, against one deterministic pass and a naive loop of T passes;
+the released detectors' sampling cost, the MC-Dropout CNN's throughput (float and opt-in int8), and adaptive sampling of
+the all-layer variational CNN.
 
     python benchmarks/bench_sampling.py [--batch 256] [--samples 30] [--repeats 11] [--naive-repeats 3]
-        [--kinds 0 1 ...] [--output benchmarks/results_sampling.md]
+        [--kinds 0 1 ...] [--released NAME ...] [--batches 64 256] [--int8] [--adaptive-images N]
+        [--output benchmarks/results_sampling.md]
 
 For each head kind on the from-scratch CNN at its default (released) size, with 32x32 inputs, it times in eval mode under
 ``torch.no_grad``, after a warm-up, with as many threads as there are available cores:
@@ -14,6 +17,15 @@ For each head kind on the from-scratch CNN at its default (released) size, with 
 gives median times, the median of the per-repeat ratios pred / det, and naive / det as a ratio of medians (the naive loop
 is T times slower, so it is timed fewer times). Target: pred / det <= 1.2 for head-only stochastic
 models (the backbone runs once per image; only the head is sampled).
+
+``--released NAME ...``: those detectors as shipped, det. and predictive back to back at each of ``--batches`` (target
+<= 1.1 for head-only models). ``--int8``: the released MC-Dropout CNN's T-sample images/s at ``--batch`` with its float
+backbone and with the opt-in int8 one (``quantize_int8``, calibrated on 512 CIFAKE train images), timed back to back,
+and how far int8 moves P(FAKE) and the verdicts on the CIFAKE test images. ``--adaptive-images N``: the released
+all-layer VI CNN on the first N CIFAKE test images (0: skip) in batches of ``--batch``: one deterministic pass, the
+fixed T-sample predictive and ``adaptive=True``, each over all N images, timed back to back per batch; cost is total
+time over the deterministic pass's, agreement is of verdicts with the fixed T; plus the previous grouped-convolution
+implementation of the fixed T-sample predictive, for comparison with today's loop of T passes.
 """
 
 from __future__ import annotations
@@ -28,6 +40,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -46,6 +59,11 @@ KINDS = [
     ("variational all layers, flipout", dict(head="variational", variational_scope="all", variational_layer="flipout")),
 ]
 TARGET = 1.2
+RELEASED_TARGET = 1.1  # head-only released detectors, T=30 predictive / one deterministic pass
+CNN_TARGET = 3000  # images/s of the released MC-Dropout CNN at T=30 on 2 cores
+HEAD_ONLY_MC = ["cifake-mcdropout-cnn", "cifake-mobilenetv2-ft", "effnetlite0-mcd-mlp", "effnetlite0-mcd-deep",
+                "effnetlite0-vi-linear"]
+CIFAKE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifake"
 
 
 def timed(fn) -> float:
@@ -101,6 +119,180 @@ def bench_model(model, batch: int, samples: int, repeats: int, naive_repeats: in
     }
 
 
+def bench_pairs(model, batch: int, samples: int, repeats: int, budget_s: float) -> dict:
+    """det. and T-sample predictive of a released detector, back to back, on random inputs of its size."""
+    size = model.config.image_size
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    det = lambda: model(x, num_samples=1, stochastic=False)  # noqa: E731
+    pred = lambda: model(x, num_samples=samples)  # noqa: E731
+    dets, preds = [], []
+    with torch.inference_mode():
+        det(), pred()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            dets.append(timed(det))
+            preds.append(timed(pred))
+            if len(dets) >= 3 and time.perf_counter() - start > budget_s:
+                break
+    return {"det": statistics.median(dets), "pred": statistics.median(preds),
+            "ratio": statistics.median([p / d for p, d in zip(preds, dets)]), "pairs": len(dets),
+            "images_per_s": batch / statistics.median(preds)}
+
+
+def released_table(names: list[str], batches: list[int], samples: int, repeats: int, budget_s: float) -> str:
+    from hub_models.hub import load_detector
+
+    lines = [f"| released detector | head | batch | det. pass (ms) | T={samples} predictive (ms) | predictive / det. | "
+             f"T={samples} images/s | pairs | target <= {RELEASED_TARGET} |", "|---|---|---:|---:|---:|---:|---:|---:|:---:|"]
+    for name in names:
+        model, _ = load_detector(name)
+        for batch in batches:
+            r = bench_pairs(model.eval(), batch, samples, repeats, budget_s)
+            head_only = model.config.stochastic and not model.backbone_stochastic
+            target = ("met" if r["ratio"] <= RELEASED_TARGET else "MISSED") if head_only else "n/a"
+            lines.append(f"| `{name}` | {model.config.head} | {batch} | {1000 * r['det']:.1f} | {1000 * r['pred']:.1f} | "
+                         f"{r['ratio']:.2f} | {r['images_per_s']:.0f} | {r['pairs']} | {target} |")
+            print(f"{name} batch {batch}: pred/det {r['ratio']:.2f}", file=sys.stderr)
+    return "\n".join(lines)
+
+
+def cifake_pixels(processor, split: str, count: int, seed: int | None = None) -> torch.Tensor:
+    import datasets
+
+    ds = datasets.load_dataset(str(CIFAKE), split=split)
+    ds = ds.shuffle(seed=seed) if seed is not None else ds
+    ds = ds.select(range(min(count, len(ds))))
+    return processor([row["image"] for row in ds], return_tensors="pt")["pixel_values"]
+
+
+def int8_table(batch: int, samples: int, repeats: int, test_images: int) -> str:
+    from hub_models.hub import load_detector
+
+    name = "cifake-mcdropout-cnn"
+    model, processor = load_detector(name)
+    calibration = cifake_pixels(processor, "train", 512, seed=2)
+    test = cifake_pixels(processor, "test", test_images)
+    x = test[:batch]
+    model.eval()
+    with torch.inference_mode():
+        reference = [model(test[i:i + batch], num_samples=samples) for i in range(0, len(test), batch)]
+        model.quantize_int8(calibration)
+        quantized = [model(test[i:i + batch], num_samples=samples) for i in range(0, len(test), batch)]
+        int8 = model.backbone.__dict__["_int8"]
+        times = {"float": [], "int8": []}
+        for _ in range(2):  # warm-up both
+            model.dequantize(), model(x, num_samples=samples)
+            model.backbone.__dict__["_int8"] = int8
+            model(x, num_samples=samples)
+        for _ in range(repeats):
+            model.dequantize()
+            times["float"].append(timed(lambda: model(x, num_samples=samples)))
+            model.backbone.__dict__["_int8"] = int8
+            times["int8"].append(timed(lambda: model(x, num_samples=samples)))
+    diff = max((q.probs[:, 1] - r.probs[:, 1]).abs().max().item() for q, r in zip(quantized, reference))
+    mean_diff = torch.cat([(q.probs[:, 1] - r.probs[:, 1]).abs() for q, r in zip(quantized, reference)]).mean().item()
+    agree = sum(sum(a == b for a, b in zip(model.verdicts(q), model.verdicts(r))) for q, r in zip(quantized, reference))
+    ratio = statistics.median([i / f for i, f in zip(times["int8"], times["float"])])
+    lines = [f"| `{name}` backbone | T={samples} predictive, batch {batch} (ms) | images/s | vs float (median of pairs) | "
+             f"target >= {CNN_TARGET} images/s |", "|---|---:|---:|---:|:---:|"]
+    for kind in ("float", "int8"):
+        t = statistics.median(times[kind])
+        rel = 1.0 if kind == "float" else ratio
+        label = "float (default; goldens)" if kind == "float" else "int8 (opt-in `quantize_int8`)"
+        lines.append(f"| {label} | {1000 * t:.1f} | {batch / t:.0f} | {rel:.2f} | "
+                     f"{'met' if batch / t >= CNN_TARGET else 'MISSED'} |")
+    lines += ["", f"int8 against float on {len(test):,} CIFAKE test images (T={samples}, same seed): max |P(FAKE) change| "
+              f"{diff:.3f}, mean {mean_diff:.4f}; verdicts equal on {agree / len(test):.2%} ({len(test) - agree} differ)."]
+    print(f"int8: {ratio:.2f} of float time", file=sys.stderr)
+    return "\n".join(lines)
+
+
+def grouped_logits(model, x: torch.Tensor, t: int) -> torch.Tensor:
+    """The previous all-layer VI implementation: one grouped convolution per layer over the T weight samples (same
+    draws, same order), eval BatchNorm as its own op; for comparison with today's loop of T passes."""
+    from hub_models.modeling_bayesfake import apply_layer
+
+    b = x.shape[0]
+    h = x.unsqueeze(1).expand(b, t, *x.shape[1:]).reshape(b * t, *x.shape[1:])
+    for i, (conv, norm) in enumerate(zip(model.backbone.convs, model.backbone.norms)):
+        h = F.relu(norm(apply_layer(conv, h, t, True)))
+        if i in (1, 3):
+            h = F.max_pool2d(h, 2)
+    return model.head(h.mean(dim=(2, 3)), t, True).reshape(b, t, -1).transpose(0, 1)
+
+
+def adaptive_table(images: int, batch: int, samples: int, repeats: int) -> str:
+    from hub_models.hub import load_detector
+    from hub_models.modeling_bayesfake import sampling_rng
+
+    name = "cifake-vi-bcnn"
+    model, processor = load_detector(name)
+    model.eval()
+    test = cifake_pixels(processor, "test", images)
+    totals = {"det": 0.0, "fixed": 0.0, "adaptive": 0.0}
+    verdicts = {"fixed": [], "adaptive": []}
+    used = []
+    with torch.inference_mode():
+        model(test[:batch], num_samples=samples), model(test[:batch], num_samples=samples, adaptive=True)
+        for start in range(0, len(test), batch):
+            x = test[start:start + batch]
+            totals["det"] += timed(lambda: model(x, num_samples=1, stochastic=False))
+            t0 = time.perf_counter()
+            fixed = model(x, num_samples=samples)
+            totals["fixed"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            adaptive = model(x, num_samples=samples, adaptive=True)
+            totals["adaptive"] += time.perf_counter() - t0
+            verdicts["fixed"] += model.verdicts(fixed)
+            verdicts["adaptive"] += model.verdicts(adaptive)
+            used.append(adaptive.num_samples_used)
+        used = torch.cat(used).float()
+        # Grouped convolutions (previous implementation) against today's loop, same draws, batch 64 and 256.
+        loops = []
+        for b in (64, 256):
+            x = test[:b]
+            seed = model.config.sampling_seed
+
+            def grouped():
+                with sampling_rng(seed, None, x.device):
+                    return grouped_logits(model, x, samples)
+
+            def loop():
+                return model(x, num_samples=samples, seed=seed)
+
+            def det():
+                model(x, num_samples=1, stochastic=False)
+
+            temperature = model.config.calibration_temperature
+            same = (torch.softmax(grouped() / temperature, -1) - loop().sample_probs).abs().max().item()
+            g, lp, d = [], [], []
+            for _ in range(max(3, repeats // 3)):
+                d.append(timed(det))
+                g.append(timed(grouped))
+                lp.append(timed(loop))
+            loops.append((b, statistics.median(d), statistics.median(g), statistics.median(lp),
+                          statistics.median([a / c for a, c in zip(g, d)]), statistics.median([a / c for a, c in zip(lp, d)]),
+                          same))
+    agree = sum(a == b for a, b in zip(verdicts["fixed"], verdicts["adaptive"])) / len(test)
+    lines = [f"| `{name}` on {len(test):,} CIFAKE test images, batch {batch} | total (s) | cost / det. pass | "
+             f"mean samples | verdicts equal to fixed T={samples} | target |", "|---|---:|---:|---:|---:|:---:|",
+             f"| det. pass | {totals['det']:.1f} | 1.00 | 1 | | |",
+             f"| fixed T={samples} | {totals['fixed']:.1f} | {totals['fixed'] / totals['det']:.1f} | {samples} | 100% | |",
+             f"| adaptive (`adaptive=True`, up to T={samples}) | {totals['adaptive']:.1f} | "
+             f"{totals['adaptive'] / totals['det']:.1f} | {used.mean():.2f} (median {used.median():.0f}, "
+             f"{(used == samples).float().mean():.1%} at T) | {agree:.2%} | cost <= 8, agreement >= 99.5%: "
+             f"{'met' if totals['adaptive'] / totals['det'] <= 8 and agree >= 0.995 else 'MISSED'} |",
+             "", f"Fixed T={samples} on random inputs of the released VI CNN: the previous grouped convolutions against "
+             "today's loop of T plain passes (same draws; max |difference| of the sample probabilities shown).", "",
+             "| batch | det. pass (ms) | grouped (ms) | loop (ms) | grouped / det. | loop / det. | loop / grouped | "
+             "max abs diff |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for b, d, g, lp, gr, lr, same in loops:
+        lines.append(f"| {b} | {1000 * d:.1f} | {1000 * g:.1f} | {1000 * lp:.1f} | {gr:.1f} | {lr:.1f} | "
+                     f"{lp / g:.2f} | {same:.1g} |")
+    print(f"adaptive: cost {totals['adaptive'] / totals['det']:.1f}x det, agreement {agree:.4f}", file=sys.stderr)
+    return "\n".join(lines)
+
+
 def table(rows: list[tuple[str, dict]], samples: int) -> str:
     lines = [
         f"| head | det. pass (ms) | T={samples} predictive (ms) | predictive / det. | naive {samples} passes (ms) | "
@@ -135,32 +327,42 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--naive-repeats", type=int, default=3, help="timed naive loops per kind (median taken)")
     parser.add_argument("--budget-s", type=float, default=60.0,
                         help="stop adding det./predictive pairs to a kind after this many seconds (at least --naive-repeats)")
-    parser.add_argument("--kinds", nargs="*", type=int, help="indices into the kind list (default: all)")
+    parser.add_argument("--kinds", nargs="*", type=int, help="indices into the kind list (default: all; none: skip)")
     parser.add_argument("--released", nargs="*", default=[], metavar="NAME",
-                        help="also time these released detectors (hub_models/NAME, trained weights, their own size)")
+                        help="also time these released detectors (hub_models/NAME, trained weights, their own size); "
+                             "'head-only' stands for every head-only MC detector")
+    parser.add_argument("--batches", nargs="+", type=int, default=[64, 256], help="batch sizes of the released rows")
+    parser.add_argument("--int8", action="store_true", help="MC-Dropout CNN images/s, float vs opt-in int8")
+    parser.add_argument("--int8-test-images", type=int, default=2048, help="CIFAKE test images int8 is compared on")
+    parser.add_argument("--adaptive-images", type=int, default=0,
+                        help="VI adaptive sampling on the first N CIFAKE test images (0: skip)")
     parser.add_argument("--output", help="also write the results, with command, machine and date, to this Markdown file")
     args = parser.parse_args(argv)
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(cores)
-    kinds = [KINDS[i] for i in args.kinds] if args.kinds else KINDS
+    kinds = KINDS if args.kinds is None else [KINDS[i] for i in args.kinds]
+    sections = []
     rows = []
     for label, overrides in kinds:
         result = bench_kind(overrides, args.batch, args.samples, args.repeats, min(args.naive_repeats, args.repeats),
                             args.budget_s)
         rows.append((label, result))
         print(f"{label}: pred/det {result['pred_ratio']:.2f}, naive/det {result['naive_ratio']:.2f}", file=sys.stderr)
-    for name in args.released:
-        from hub_models.hub import load_detector
-
-        model, _ = load_detector(name)
-        result = bench_model(model.eval(), args.batch, args.samples, args.repeats,
-                             min(args.naive_repeats, args.repeats), args.budget_s)
-        rows.append((f"released `{name}` (widths {model.config.cnn_widths}, hidden {model.config.head_hidden})",
-                     result))
-        print(f"{name}: pred/det {result['pred_ratio']:.2f}, naive/det {result['naive_ratio']:.2f}", file=sys.stderr)
-    widths = rows[0][1]["widths"]
-    text = table(rows, args.samples)
+    if rows:
+        sections.append((f"## Head kinds on the from-scratch CNN (widths {rows[0][1]['widths']}, random weights), "
+                         f"batch {args.batch}", table(rows, args.samples)))
+    names = [n for name in args.released for n in (HEAD_ONLY_MC if name == "head-only" else [name])]
+    if names:
+        sections.append((f"## Released detectors: T={args.samples} predictive against one deterministic pass",
+                         released_table(names, args.batches, args.samples, args.repeats, args.budget_s)))
+    if args.int8:
+        sections.append((f"## Released MC-Dropout CNN throughput at T={args.samples}",
+                         int8_table(args.batch, args.samples, args.repeats, args.int8_test_images)))
+    if args.adaptive_images:
+        sections.append(("## Adaptive sampling of the all-layer variational CNN",
+                         adaptive_table(args.adaptive_images, args.batch, args.samples, args.repeats)))
+    text = "\n\n".join(f"{title}\n\n{body}" for title, body in sections)
     print(text)
     if args.output:
         command = "python benchmarks/bench_sampling.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -171,12 +373,14 @@ Command: `{command.strip()}`
 Machine: {cores} CPU cores ({cpu_name()}), {torch.get_num_threads()} torch threads, torch {torch.__version__},
 Python {platform.python_version()}; date {datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")}.
 
-Setup: from-scratch CNN, widths {widths}, linear head (rows "released": that detector as shipped); batch {args.batch} of 32x32 images; T={args.samples};
-eval mode, `torch.no_grad()`, one warm-up; det. and predictive timed back to back up to {args.repeats} times (`pairs`;
-fewer after {args.budget_s:.0f} s), times are medians, predictive / det. is the median of the per-pair ratios; the naive
-loop is timed {min(args.naive_repeats, args.repeats)} times (median). `det.` is
-`model(x, num_samples=1, stochastic=False)`; the predictive is `model(x, num_samples={args.samples})`; naive is
-{args.samples} x `model(x, num_samples=1)`. Target: predictive / det. <= {TARGET} for head-only stochastic models.
+Setup: eval mode, `torch.no_grad()` / `torch.inference_mode()`, one warm-up; det. and predictive timed back to back up
+to {args.repeats} times (`pairs`; fewer after {args.budget_s:.0f} s), times are medians, predictive / det. is the median of
+the per-pair ratios (so that load from other processes hits both alike); the naive loop is timed
+{min(args.naive_repeats, args.repeats)} times (median). `det.` is `model(x, num_samples=1, stochastic=False)`; the
+predictive is `model(x, num_samples={args.samples})`; naive is {args.samples} x `model(x, num_samples=1)`. Targets:
+predictive / det. <= {TARGET} for head-only stochastic kinds, <= {RELEASED_TARGET} for the released head-only MC
+detectors at batch 64 and 256; >= {CNN_TARGET} images/s for the released MC-Dropout CNN at T=30; adaptive VI cost <= 8x
+one pass with >= 99.5% of verdicts equal to fixed T=30.
 
 """
         Path(args.output).write_text(header + text + "\n")
