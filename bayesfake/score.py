@@ -1,4 +1,4 @@
-"""Score a folder or a data set of images with the detectors, at scale: ``bayesfake score SOURCE --out results.parquet``.
+"""Score a folder or a data set of images with the detectors, at scale: ``bayesfake score SOURCE --out OUT.parquet``.
 
     bayesfake score SOURCE [--detectors a,b] --out results.parquet [--num-samples T] [--adaptive] [--split NAME]
         [--batch-size 128] [--chunk-size 1024] [--no-evidence] [--seed S] [--limit N] [--threads N]
@@ -156,7 +156,14 @@ def _dataset_rows(source: str, kind: str, split: str | None):
     if kind == "saved":
         loaded = datasets.load_from_disk(source)
     else:
-        loaded = datasets.load_dataset(source, streaming=True)
+        try:
+            loaded = datasets.load_dataset(source, streaming=True)
+        except Exception as err:  # noqa: BLE001 - e.g. a Hub id offline: streaming needs the Hub, the cache does not
+            if kind != "datasets" or Path(source).exists():
+                raise
+            log.info("%s: streaming unavailable (%s: %s); reading the local cache (memory-mapped)", source,
+                     type(err).__name__, err)
+            loaded = datasets.load_dataset(source)
     splits = loaded if isinstance(loaded, (datasets.DatasetDict, datasets.IterableDatasetDict)) else {"train": loaded}
     names = [split] if split else list(splits)
     for name in names:
@@ -339,8 +346,8 @@ def parts_dir(out: Path) -> Path:
 def _check_settings(schema: pa.Schema, settings: dict, where: Path) -> None:
     found = (schema.metadata or {}).get(SETTINGS_KEY)
     if found is not None and json.loads(found) != settings:
-        raise ValueError(f"{where} was written with other settings ({found.decode()}) than this run ({json.dumps(settings)}):"
-                         " give another --out, or remove it to start again")
+        raise ValueError(f"{where} was written with other settings ({found.decode()}) than this run "
+                         f"({json.dumps(settings)}): give another --out, or remove it to start again")
 
 
 def done_keys(out: Path, settings: dict) -> set[str]:
@@ -377,9 +384,10 @@ def merge(out: Path, schema: pa.Schema) -> int:
     ``MERGE_ROWS`` from the row groups that hold them (a row group is at most one chunk of one process).
     """
     folder = parts_dir(out)
-    sources = ([out] if out.is_file() else []) + sorted(folder.glob("*.parquet"))
-    if not sources:
-        return 0
+    parts = sorted(folder.glob("*.parquet"))
+    if not parts:  # nothing new: OUT is already the merged file
+        return pq.ParquetFile(out).metadata.num_rows if out.is_file() else 0
+    sources = ([out] if out.is_file() else []) + parts
     units = []  # (file, row group)
     entries = []  # (index, unit id, row in unit)
     seen: set[str] = set()
@@ -506,18 +514,32 @@ def score(source, out, detectors=None, num_samples: int | None = None, seed: int
     Run by several processes (``accelerate launch``), each scores its share and the main process merges.
     """
     import torch
-    from tqdm.auto import tqdm
-
-    from hub_models.hub import DEFAULT_REPO_IDS
 
     if batch_size < 1 or chunk_size < 1:
         raise ValueError("batch_size and chunk_size must be >= 1")
     out = Path(out)
     rank, world, barrier, device = _state()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    previous_threads = torch.get_num_threads()
     torch.set_num_threads(threads or max(1, cores // world))
+    try:
+        return _score(source, out, detectors, num_samples, seed, adaptive, evidence, split, batch_size, chunk_size,
+                      limit, progress, rank, world, barrier, device)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _score(source, out: Path, detectors, num_samples, seed, adaptive, evidence, split, batch_size, chunk_size, limit,
+           progress, rank, world, barrier, device) -> dict:
+    from tqdm.auto import tqdm
+
+    from hub_models.hub import DEFAULT_REPO_IDS
     names = list(detectors or DEFAULT_REPO_IDS)
     loaded = [Detector(name, device, num_samples, seed, adaptive) for name in names]
+    columns = [d.column for d in loaded]
+    if len(set(columns)) != len(columns):
+        raise ValueError(f"two detectors would write the same columns ({', '.join(columns)}): give each a folder or "
+                         "repo id with its own name")
     fields = base_fields(evidence)
     for detector in loaded:
         fields += detector.fields()
@@ -532,7 +554,8 @@ def score(source, out, detectors=None, num_samples: int | None = None, seed: int
     total = source_size(source, split) if progress and rank == 0 else None
     if total is not None and limit is not None:
         total = min(total, limit)
-    bar = tqdm(total=total, initial=min(len(skip), total or 0), unit="img", desc=f"score (rank {rank}/{world})" if world > 1 else "score",
+    bar = tqdm(total=total, initial=min(len(skip), total or 0), unit="img",
+               desc=f"score (rank {rank}/{world})" if world > 1 else "score",
                disable=not progress or rank != 0, mininterval=1.0, dynamic_ncols=True)
     folder = parts_dir(out)
     token = f"{time.time_ns()}-{os.getpid()}-r{rank}"

@@ -143,15 +143,17 @@ def released_table(names: list[str], batches: list[int], samples: int, repeats: 
     from hub_models.hub import load_detector
 
     lines = [f"| released detector | head | batch | det. pass (ms) | T={samples} predictive (ms) | predictive / det. | "
-             f"T={samples} images/s | pairs | target <= {RELEASED_TARGET} |", "|---|---|---:|---:|---:|---:|---:|---:|:---:|"]
+             f"T={samples} images/s | pairs | target <= {RELEASED_TARGET} |",
+             "|---|---|---:|---:|---:|---:|---:|---:|:---:|"]
     for name in names:
         model, _ = load_detector(name)
         for batch in batches:
             r = bench_pairs(model.eval(), batch, samples, repeats, budget_s)
             head_only = model.config.stochastic and not model.backbone_stochastic
             target = ("met" if r["ratio"] <= RELEASED_TARGET else "MISSED") if head_only else "n/a"
-            lines.append(f"| `{name}` | {model.config.head} | {batch} | {1000 * r['det']:.1f} | {1000 * r['pred']:.1f} | "
-                         f"{r['ratio']:.2f} | {r['images_per_s']:.0f} | {r['pairs']} | {target} |")
+            lines.append(f"| `{name}` | {model.config.head} | {batch} | {1000 * r['det']:.1f} | "
+                         f"{1000 * r['pred']:.1f} | {r['ratio']:.2f} | {r['images_per_s']:.0f} | {r['pairs']} | "
+                         f"{target} |")
             print(f"{name} batch {batch}: pred/det {r['ratio']:.2f}", file=sys.stderr)
     return "\n".join(lines)
 
@@ -193,16 +195,17 @@ def int8_table(batch: int, samples: int, repeats: int, test_images: int) -> str:
     mean_diff = torch.cat([(q.probs[:, 1] - r.probs[:, 1]).abs() for q, r in zip(quantized, reference)]).mean().item()
     agree = sum(sum(a == b for a, b in zip(model.verdicts(q), model.verdicts(r))) for q, r in zip(quantized, reference))
     ratio = statistics.median([i / f for i, f in zip(times["int8"], times["float"])])
-    lines = [f"| `{name}` backbone | T={samples} predictive, batch {batch} (ms) | images/s | vs float (median of pairs) | "
-             f"target >= {CNN_TARGET} images/s |", "|---|---:|---:|---:|:---:|"]
+    lines = [f"| `{name}` backbone | T={samples} predictive, batch {batch} (ms) | images/s | vs float (median of "
+             f"pairs) | target >= {CNN_TARGET} images/s |", "|---|---:|---:|---:|:---:|"]
     for kind in ("float", "int8"):
         t = statistics.median(times[kind])
         rel = 1.0 if kind == "float" else ratio
         label = "float (default; goldens)" if kind == "float" else "int8 (opt-in `quantize_int8`)"
         lines.append(f"| {label} | {1000 * t:.1f} | {batch / t:.0f} | {rel:.2f} | "
                      f"{'met' if batch / t >= CNN_TARGET else 'MISSED'} |")
-    lines += ["", f"int8 against float on {len(test):,} CIFAKE test images (T={samples}, same seed): max |P(FAKE) change| "
-              f"{diff:.3f}, mean {mean_diff:.4f}; verdicts equal on {agree / len(test):.2%} ({len(test) - agree} differ)."]
+    lines += ["", f"int8 against float on {len(test):,} CIFAKE test images (T={samples}, same seed): max |P(FAKE) "
+              f"change| {diff:.3f}, mean {mean_diff:.4f}; verdicts equal on {agree / len(test):.2%} "
+              f"({len(test) - agree} differ)."]
     print(f"int8: {ratio:.2f} of float time", file=sys.stderr)
     return "\n".join(lines)
 
@@ -271,19 +274,21 @@ def adaptive_table(images: int, batch: int, samples: int, repeats: int) -> str:
                 g.append(timed(grouped))
                 lp.append(timed(loop))
             loops.append((b, statistics.median(d), statistics.median(g), statistics.median(lp),
-                          statistics.median([a / c for a, c in zip(g, d)]), statistics.median([a / c for a, c in zip(lp, d)]),
+                          statistics.median([a / c for a, c in zip(g, d)]),
+                          statistics.median([a / c for a, c in zip(lp, d)]),
                           same))
     agree = sum(a == b for a, b in zip(verdicts["fixed"], verdicts["adaptive"])) / len(test)
     lines = [f"| `{name}` on {len(test):,} CIFAKE test images, batch {batch} | total (s) | cost / det. pass | "
              f"mean samples | verdicts equal to fixed T={samples} | target |", "|---|---:|---:|---:|---:|:---:|",
              f"| det. pass | {totals['det']:.1f} | 1.00 | 1 | | |",
-             f"| fixed T={samples} | {totals['fixed']:.1f} | {totals['fixed'] / totals['det']:.1f} | {samples} | 100% | |",
+             f"| fixed T={samples} | {totals['fixed']:.1f} | {totals['fixed'] / totals['det']:.1f} | {samples} | "
+             "100% | |",
              f"| adaptive (`adaptive=True`, up to T={samples}) | {totals['adaptive']:.1f} | "
              f"{totals['adaptive'] / totals['det']:.1f} | {used.mean():.2f} (median {used.median():.0f}, "
              f"{(used == samples).float().mean():.1%} at T) | {agree:.2%} | cost <= 8, agreement >= 99.5%: "
              f"{'met' if totals['adaptive'] / totals['det'] <= 8 and agree >= 0.995 else 'MISSED'} |",
-             "", f"Fixed T={samples} on random inputs of the released VI CNN: the previous grouped convolutions against "
-             "today's loop of T plain passes (same draws; max |difference| of the sample probabilities shown).", "",
+             "", f"Fixed T={samples} on random inputs of the released VI CNN: the previous grouped convolutions "
+             "against today's loop of T plain passes (same draws; max |difference| of the sample probabilities shown).", "",
              "| batch | det. pass (ms) | grouped (ms) | loop (ms) | grouped / det. | loop / det. | loop / grouped | "
              "max abs diff |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for b, d, g, lp, gr, lr, same in loops:

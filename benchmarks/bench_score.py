@@ -85,7 +85,8 @@ def throughput(processes: int, images: int, detectors: str, chunk: int, work: Pa
     loop = max(r["seconds"] for r in ranks)
     rows = pq.ParquetFile(out).metadata.num_rows
     return {"processes": processes, "images": scored, "rows": rows, "loop_s": loop, "wall_s": wall,
-            "images_per_s": scored / loop, "command": " ".join(Path(c).name if i == 0 else c for i, c in enumerate(cmd))}
+            "images_per_s": scored / loop,
+            "command": " ".join(Path(c).name if i == 0 else c for i, c in enumerate(cmd))}
 
 
 def watch(proc: subprocess.Popen, parts: Path, kill_after: int | None) -> dict:
@@ -155,7 +156,8 @@ def scale_check(images: int, detectors: str, chunk: int, kill_after: int, work: 
                 same_text &= value == a[key][name]
     return {"images": images, "killed": first["killed"], "killed_after_s": first_s, "parts_at_kill": parts_left,
             "rows_at_kill": rows_before, "resume_scored": resumed["scored"], "resume_skipped": resumed["skipped"],
-            "resume_s": second_s, "rows": len(keys), "unique_keys": len(set(keys)), "missing": len(expected - set(keys)),
+            "resume_s": second_s, "rows": len(keys), "unique_keys": len(set(keys)),
+            "missing": len(expected - set(keys)),
             "extra": len(set(keys) - expected), "rss_first_part_mb": first["at_first_part"] / 2**20,
             "rss_peak_first_mb": first["peak"] / 2**20, "rss_resume_first_part_mb": second["at_first_part"] / 2**20,
             "rss_peak_resume_mb": second["peak"] / 2**20,
@@ -195,8 +197,8 @@ def main(argv: list[str] | None = None) -> str:
             rows.append(r)
             print(f"{p} process(es): {r['images_per_s']:.1f} images/s", file=sys.stderr)
         base = rows[0]["images_per_s"]
-        lines += ["| processes | images | rows written | scoring loop (s) | images/s | vs 1 process | wall incl. start-up "
-                  "(s) | command |", "|---:|---:|---:|---:|---:|---:|---:|---|"]
+        lines += ["| processes | images | rows written | scoring loop (s) | images/s | vs 1 process | wall incl. "
+                  "start-up (s) | command |", "|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in rows:
             lines.append(f"| {r['processes']} | {r['images']} | {r['rows']} | {r['loop_s']:.1f} | "
                          f"{r['images_per_s']:.1f} | {r['images_per_s'] / base:.2f} | {r['wall_s']:.1f} | "
