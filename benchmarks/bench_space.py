@@ -26,6 +26,16 @@ whose decoding makes the compute end at different points; every (image, T) is it
 ``--stand-ins`` serves untrained detectors with the release architectures (from train/configs/*.yaml) instead of the
 released weights: the compute is the same, the answers are meaningless. Use it while the released detectors do not
 exist yet.
+
+``--evidence-cost`` measures instead what reading the file's own evidence (space/provenance.py:
+``evidence.read_evidence`` on the evidence threads, overlapping the decoding and the detectors) adds to a /predict
+request: the endpoint's work
+with evidence (``provenance.analyse_file``) against the same work without it (``pool.analyse(read_image(path))``, the
+endpoint before evidence), interleaved, in this process with the Space's inference thread and torch thread count, on
+photo-like files of 1 and 12 MP (JPEG and PNG; plain, with camera EXIF + XMP + A1111 parameters, or with a C2PA
+credential the reader validates) and a 32 px CIFAKE image. Upload and HTTP costs are the same with and without, so they
+are left out. Target: at most 50 ms added (p50) per image of up to 12 MP. ``--write`` replaces its section of the
+results file, and the latency run keeps it.
 """
 
 from __future__ import annotations
@@ -49,24 +59,29 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))  # bench_evidence's test files (--evidence-cost)
 
 import httpx  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 from gradio_client import Client, handle_file  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from hub_models import BayesFakeConfig, BayesFakeDetector  # noqa: E402
 from hub_models.export import export_detector  # noqa: E402
 from hub_models.hub import DEFAULT_REPO_IDS, load_detector  # noqa: E402
 from hub_models.image_processing_bayesfake import load_image, to_rgb  # noqa: E402
+from space import provenance  # noqa: E402
 from space.app import DEFAULT_TORCH_THREADS, TORCH_THREADS_ENV  # noqa: E402
-from space.detectors import SEED  # noqa: E402 - the Space's per-request seed
+from space.detectors import SEED, DetectorPool, read_image  # noqa: E402 - SEED: the Space's per-request seed
 
 EXAMPLES = REPO_ROOT / "space" / "examples"
 DEFAULT_IMAGES = [EXAMPLES / "cifake_fake_1.jpg", EXAMPLES / "synthetic_landscape_640x480.jpg",
                   EXAMPLES / "synthetic_still_life_1024x768_rgba.png"]
 RESULTS = REPO_ROOT / "benchmarks" / "results_space.md"
 TARGET_RATIO = 1.3
+EVIDENCE_HEADING = "## Evidence read in the request"
+EVIDENCE_TARGET_MS = 50.0
 compute_thread = ThreadPoolExecutor(max_workers=1)  # the only thread of this process that calls torch
 
 
@@ -209,6 +224,125 @@ def results_table(rows_by_key: dict[tuple[str, int], dict], floors: dict[str, tu
     return "\n".join(rows + ["", *floor_lines, cold_start])
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# --evidence-cost
+
+
+def evidence_files(folder: Path) -> list[tuple[Path, str]]:
+    """(file, what it carries): the 32 px example, and photo-like 1 MP and 12 MP files made with the evidence
+    benchmark's recipes (benchmarks/bench_evidence.py)."""
+    from bench_evidence import SIZES, c2pa_signer, encode, photo
+
+    sign = c2pa_signer()
+    files = [(EXAMPLES / "cifake_fake_1.jpg", "none (CIFAKE example)")]
+    for mp, variants in ((1, (("PNG", "metadata"),)),
+                         (12, (("JPEG", "plain"), ("JPEG", "metadata"), ("JPEG", "C2PA"), ("PNG", "metadata"),
+                               ("PNG", "C2PA")))):
+        width, height = SIZES[mp]
+        image = photo(width, height, seed=mp)
+        for fmt, variant in variants:
+            data = encode(image, fmt, metadata=variant == "metadata")
+            if variant == "C2PA":
+                data = sign(data, f"image/{fmt.lower()}")
+            path = folder / f"{width}x{height}_{variant}.{fmt.lower()}"
+            path.write_bytes(data)
+            files.append((path, {"plain": "nothing", "metadata": "camera EXIF, XMP, A1111 parameters",
+                                 "C2PA": "C2PA credential (validated)"}[variant]))
+    return files
+
+
+def measure_evidence(pool: DetectorPool, files, num_samples: int, requests: int, warmup: int) -> list[dict]:
+    """Per file: p50/p95 of the /predict work without and with the evidence read, and of the read alone."""
+    reader = provenance.EvidenceReader()
+    rows = []
+    for path, carries in files:
+        calls = {
+            "without": lambda p=str(path): pool.analyse(read_image(p), num_samples),
+            "with": lambda p=str(path): provenance.analyse_file(pool, reader, p, num_samples),
+            "alone": lambda p=str(path): reader.read_now(p),
+        }
+        found = calls["with"]()["evidence"]
+        for _ in range(warmup):
+            for call in calls.values():
+                call()
+        samples = {key: [] for key in calls}
+        for _ in range(requests):  # interleaved: the same background load for each
+            for key, call in calls.items():
+                samples[key].append(timed(call))
+        with Image.open(path) as image:
+            size = image.size
+        rows.append({"file": path.name, "size": size, "bytes": path.stat().st_size, "carries": carries,
+                     "says": f"{found['says']}{' (strong)' if found['strong'] else ''}",
+                     **{key: p50_p95(ms) for key, ms in samples.items()},
+                     "added": [w - wo for w, wo in zip(samples["with"], samples["without"])]})
+    return rows
+
+
+def evidence_table(rows: list[dict]) -> str:
+    header = ["file", "MP", "bytes", "carries", "evidence says", "/predict work without evidence p50 / p95",
+              "with evidence p50 / p95", "added p50 (with - without)", "added, paired p50 / p95",
+              "evidence read alone p50 / p95", f"target <= {EVIDENCE_TARGET_MS:.0f} ms added"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        added = r["with"][0] - r["without"][0]
+        paired = p50_p95(r["added"])
+        lines.append("| " + " | ".join([
+            f"`{r['file']}`", f"{r['size'][0] * r['size'][1] / 1e6:.2g}", f"{r['bytes']:,}", r["carries"], r["says"],
+            f"{r['without'][0]:.1f} / {r['without'][1]:.1f} ms", f"{r['with'][0]:.1f} / {r['with'][1]:.1f} ms",
+            f"{added:+.1f} ms", f"{paired[0]:+.1f} / {paired[1]:+.1f} ms",
+            f"{r['alone'][0]:.1f} / {r['alone'][1]:.1f} ms",
+            "met" if added <= EVIDENCE_TARGET_MS else "not met"]) + " |")
+    return "\n".join(lines)
+
+
+def load_average() -> str:
+    try:
+        return " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:
+        return "unknown"
+
+
+def split_results(text: str) -> tuple[str, str]:
+    """The results file as (latency part, evidence section or "")."""
+    head, sep, tail = text.partition(EVIDENCE_HEADING)
+    return head.rstrip() + "\n", (sep + tail).rstrip() + "\n" if sep else ""
+
+
+def evidence_main(args, model_ids: list[str], workdir: Path) -> None:
+    from space.detectors import on_inference_thread
+
+    pool = DetectorPool.load(model_ids)
+    assert not pool.failed, f"detectors failed to load: {pool.failed}"
+    files = evidence_files(workdir)
+    load_before = load_average()
+    rows = measure_evidence(pool, files, args.num_samples[0], args.requests, args.warmup)
+    names = ", ".join(f"`{Path(m).name if os.path.isdir(m) else m}`" for m in model_ids)
+    stand_ins = " (untrained stand-ins with the release architectures)" if args.stand_ins else ""
+    setup = (f"{len(model_ids)} detector(s): {names}{stand_ins}; T = {args.num_samples[0]}; {args.requests} requests "
+             f"per file after {args.warmup} warm-up, interleaved; {provenance.EVIDENCE_THREADS} evidence threads, "
+             f"torch {torch.__version__} with {on_inference_thread(torch.get_num_threads)} torch thread(s) on the "
+             f"inference thread; {platform.machine()}, {os.cpu_count()} CPU cores; load average {load_before} "
+             f"before, {load_average()} after (1 / 5 / 15 min); {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
+    table = evidence_table(rows)
+    print(setup)
+    print(table)
+    if args.write:
+        options = [f"--models {args.models}"] if args.models else []
+        options += ["--stand-ins"] if args.stand_ins else []
+        options += [f"--num-samples {args.num_samples[0]}", f"--requests {args.requests}", f"--warmup {args.warmup}"]
+        command = " ".join(["python benchmarks/bench_space.py --evidence-cost", *options])
+        notes = "".join(f"\n- {note}" for note in args.note)
+        section = (f"{EVIDENCE_HEADING} (`{command}`)\n\n"
+                   "What reading the uploaded file's own evidence adds to a /predict request: the endpoint's work "
+                   "with the read (started on the evidence threads, overlapping the decoding and the detectors) "
+                   "against the same work without it, in one process with the Space's inference thread. "
+                   "\"added, paired\" is the median over the rounds of (with - without), measured back to back.\n\n"
+                   f"{setup}\n\n{table}\n" + (f"\nNotes:\n{notes}\n" if notes else ""))
+        latency = split_results(RESULTS.read_text())[0] if RESULTS.exists() else ""
+        RESULTS.write_text(latency + "\n" + section)
+        print(f"wrote {RESULTS}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", help=f"comma-separated ids/folders (default: {','.join(DEFAULT_REPO_IDS)})")
@@ -222,6 +356,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--write", action="store_true", help=f"write the results to {RESULTS.relative_to(REPO_ROOT)}")
     parser.add_argument("--note", action="append", default=[], help="a line of context for the results file")
+    parser.add_argument("--evidence-cost", action="store_true",
+                        help="measure what the evidence read adds to /predict instead (see above)")
     args = parser.parse_args(argv)
 
     workdir = Path(tempfile.mkdtemp(prefix="bench_space_"))
@@ -232,6 +368,9 @@ def main(argv: list[str] | None = None) -> None:
         model_ids = model_ids_arg(args.models)
     # Loaded on the thread that runs the raw compute, and no torch call elsewhere in this process: one OpenMP team, as
     # in the Space (space/detectors.py INFERENCE_THREAD). Fails loudly: a benchmark needs every model.
+    if args.evidence_cost:
+        evidence_main(args, model_ids, workdir)
+        return
     detectors = compute_thread.submit(lambda: [load_detector(model_id) for model_id in model_ids]).result()
 
     process, client, cold_start_s = start_space(model_ids, args.image[0], args.num_samples[0], args.torch_threads,
@@ -275,8 +414,10 @@ def main(argv: list[str] | None = None) -> None:
         options += [f"--image {' '.join(images)}", f"--num-samples {' '.join(map(str, args.num_samples))}",
                     f"--requests {args.requests}", f"--warmup {args.warmup}"]
         command = " ".join(["python benchmarks/bench_space.py", *options])
+        evidence_section = split_results(RESULTS.read_text())[1] if RESULTS.exists() else ""
         RESULTS.write_text(f"# Space latency (`benchmarks/bench_space.py`)\n\n`{command}`\n\n{setup}\n\n{table}\n"
-                           + (f"\nNotes:\n{notes}\n" if notes else ""))
+                           + (f"\nNotes:\n{notes}\n" if notes else "") + (f"\n{evidence_section}" if evidence_section
+                                                                             else ""))
         print(f"wrote {RESULTS}")
 
 

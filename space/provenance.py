@@ -128,12 +128,17 @@ def analyse_file(pool: DetectorPool, reader: EvidenceReader, path: str, num_samp
 def analyse_files(pool: DetectorPool, reader: EvidenceReader, paths: list[str], num_samples,
                   names: Names = None) -> list[dict]:
     """The ``/predict_batch`` answers: one per file, each with ``"evidence"`` (an unreadable image too: its metadata
-    may still say where it came from)."""
+    may still say where it came from). Each file's read starts while the file before it is analysed, so it overlaps
+    the detectors; a batch never has more than two reads queued, so the evidence threads stay free for other
+    requests' files."""
     pool.check_batch(paths, num_samples, names)
-    pending = [reader.start(path) for path in paths]  # read side by side while the detectors work through the batch
-    answers = pool.analyse_files(paths, num_samples, names)
-    for answer, read in zip(answers, pending):
-        answer["evidence"] = reader.result(read)
+    answers, pending = [], reader.start(paths[0])
+    for i, path in enumerate(paths):
+        following = reader.start(paths[i + 1]) if i + 1 < len(paths) else None
+        [answer] = pool.analyse_files([path], num_samples, names)
+        answer["evidence"] = reader.result(pending)
+        answers.append(answer)
+        pending = following
     return answers
 
 
@@ -142,10 +147,14 @@ def analyse_files(pool: DetectorPool, reader: EvidenceReader, paths: list[str], 
 
 
 def strongest_finding(found: dict) -> dict | None:
-    """The first strong finding that says what the whole file says (findings come strongest first), else None."""
-    if not found.get("strong"):
-        return None
-    return next((f for f in found["findings"] if f["strong"] and f["says"] == found["says"]), None)
+    """The strong finding the headline leads with (findings come strongest first): one that says what the whole file
+    says, else any strong AI claim (a strong "ai-edited" beside a weak "ai-generated" label), else any strong one."""
+    strong = [f for f in found.get("findings") or [] if f.get("strong") and f.get("says") != "none"]
+    for wanted in ((found.get("says"),), ("ai-generated", "ai-edited")):
+        lead = next((f for f in strong if f["says"] in wanted), None)
+        if lead is not None:
+            return lead
+    return strong[0] if strong else None
 
 
 def reason(finding: dict) -> str:
@@ -193,21 +202,20 @@ def headline(found: dict | None, answer: dict | None = None, error: str | None =
     lead = strongest_finding(found)
     phrase, caveat = detectors_phrase(answer) if answer is not None else (None, "")
     if lead is not None:
-        why = reason(lead)
-        more = sum(f["strong"] for f in found["findings"]) - 1
-        if more:
-            why += f"; {more} more strong finding{'s' if more > 1 else ''} below"
-        if found["says"] == "camera":
-            first = (f"The file carries a {why} saying a camera captured it: what the signer's camera or software "
-                     f"declared, not proof that the scene is genuine.")
+        more = sum(bool(f["strong"]) for f in found["findings"]) - 1
+        more = f"{more} more strong finding{'s' if more > 1 else ''} below" if more else ""
+        if lead["says"] == "camera":
+            first = (f"The file carries a {reason(lead)} saying a camera captured it: what the signer's camera or "
+                     f"software declared, not proof that the scene is genuine{f' ({more})' if more else ''}.")
             tone = "camera"
         else:
-            what = "made by an AI generator" if found["says"] == "ai-generated" else "edited with generative AI"
-            first = f"The file itself says it was {what} ({why})."
+            what = "made by an AI generator" if lead["says"] == "ai-generated" else "edited with generative AI"
+            first = f"The file itself says it was {what} ({reason(lead)}{f'; {more}' if more else ''})."
             tone = "ai"
         second = (f"Pixel detectors, a separate and weaker signal: {phrase}." if phrase is not None
                   else f"The pixel detectors could not analyse the image: {error}")
-        paragraphs = [first, second, caveat]
+        # the file's other findings disagree with the lead (a weak label says otherwise): say so, in the reader's words
+        paragraphs = [first, second, caveat] + ([found["summary"]] if found["says"] != lead["says"] else [])
     else:
         nothing = found["says"] == "none" and not found["findings"] and found.get("checked")
         file_says = NO_EVIDENCE if nothing else found["summary"]

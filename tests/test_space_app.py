@@ -554,6 +554,29 @@ def test_evidence_is_read_on_its_own_threads_beside_the_detectors(detector_dirs,
     assert len(threads) == 1
 
 
+def test_a_batch_keeps_at_most_two_reads_queued(detector_dirs, evidence_files):
+    """A 64-image batch must not fill the evidence threads' queue ahead of other requests' reads."""
+
+    class CountingReader(provenance.EvidenceReader):
+        outstanding = most = 0
+
+        def start(self, path):
+            CountingReader.outstanding += 1
+            CountingReader.most = max(CountingReader.most, CountingReader.outstanding)
+            return super().start(path)
+
+        def result(self, pending):
+            CountingReader.outstanding -= 1
+            return super().result(pending)
+
+    pool = detectors.DetectorPool.load(detector_dirs[:1])
+    names = ["a1111.png", "empty.png", "camera.jpg", "plain.png", "truncated.png"]
+    answers = provenance.analyse_files(pool, CountingReader(), [str(evidence_files[n]) for n in names], 2)
+    assert [a["evidence"]["says"] for a in answers] == ["ai-generated", "none", "camera", "none", "ai-generated"]
+    assert ["error" in a for a in answers] == [False, True, False, False, True]
+    assert CountingReader.most == 2 and CountingReader.outstanding == 0
+
+
 def test_a_read_that_hangs_or_fails_still_gets_an_answer_of_the_same_shape(evidence_files, monkeypatch):
     path = str(evidence_files["a1111.png"])
     monkeypatch.setattr(provenance.evidence, "read_evidence", lambda *a, **k: time.sleep(2))
@@ -604,6 +627,24 @@ def test_the_headline_never_counts_missing_evidence_as_real():
     assert tone == "none" and "Weak camera evidence only" in text
     panel = provenance.panel(weak)
     assert "Weak hint · EXIF tags · says: **camera capture**" in panel and "What was looked at" in panel
+
+
+def test_the_headline_leads_with_a_strong_claim_even_beside_a_weaker_label():
+    """An A1111 inpainting run (strong, ai-edited) in a file whose IPTC label says ai-generated (weak): the package's
+    overall "says" is the label's, but the headline leads with the strong finding and repeats the package's summary."""
+    found = {"says": "ai-generated", "strong": False, "errors": [], "checked": {"parameters": "1 text value"},
+             "summary": "Weak evidence of AI generation: ...",
+             "findings": [{"kind": "parameters", "says": "ai-edited", "strong": True, "detail": "", "proves": "",
+                           "fields": {"generator": "AUTOMATIC1111-style web UI"}},
+                          {"kind": "watermark", "says": "ai-edited", "strong": True, "detail": "", "proves": "",
+                           "fields": {"marks": [{"mark": "Stable Diffusion v1 reference watermark"}]}},
+                          {"kind": "iptc", "says": "ai-generated", "strong": False, "detail": "", "proves": "",
+                           "fields": {}}]}
+    text, tone = provenance.headline(found, {"detectors": {"d": {"verdict": "likely real", "warnings": []}}})
+    assert tone == "ai" and text.split("\n\n") == [
+        "The file itself says it was edited with generative AI (it carries AUTOMATIC1111-style web UI generation "
+        "settings; 1 more strong finding below).",
+        "Pixel detectors, a separate and weaker signal: likely real.", "Weak evidence of AI generation: ..."]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
