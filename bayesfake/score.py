@@ -626,7 +626,8 @@ def main(argv: list[str] | None = None) -> dict:
                     adaptive=args.adaptive, evidence=not args.no_evidence, split=args.split,
                     batch_size=args.batch_size, chunk_size=args.chunk_size, limit=args.limit, threads=args.threads,
                     progress=not args.quiet)
-    print(json.dumps(summary), file=sys.stderr)  # one line per process
+    sys.stderr.write(json.dumps(summary) + "\n")  # one line per process, in one write
+    sys.stderr.flush()
     return summary
 
 

@@ -64,11 +64,12 @@ def command(processes: int, source: Path, out: Path, detectors: str, extra: list
 
 
 def summaries(stderr: str) -> list[dict]:
-    found = []
-    for line in stderr.splitlines():
-        line = line.strip()
-        if line.startswith("{") and '"world_size"' in line:
-            found.append(json.loads(line))
+    """Each process's JSON summary (two processes may write theirs on one line of the shared stderr)."""
+    decoder, found, at = json.JSONDecoder(), [], 0
+    while (at := stderr.find('{"scored"', at)) >= 0:
+        summary, end = decoder.raw_decode(stderr, at)
+        found.append(summary)
+        at = end
     return found
 
 
