@@ -231,8 +231,8 @@ class ScratchCNN(nn.Module):
 
         In eval mode each BatchNorm is folded into its conv and the activations are channels-last (the same function
         up to float round-off, ~1e-6, about 1.6x faster here), and a variational CNN draws every layer's T weight
-        samples first, in the order ``apply_layer`` draws them, then runs T plain passes (about 3x faster on CPU than one
-        grouped conv per layer, with the same samples for the same seed). Training keeps the plain layers (batch
+        samples first, in the order ``apply_layer`` draws them, then runs T plain passes (about 3x faster on CPU than
+        one grouped conv per layer, with the same samples for the same seed). Training keeps the plain layers (batch
         statistics, flipout).
         """
         if self.training:
@@ -321,9 +321,22 @@ class ClassifierHead(nn.Module):
         if shared and (self.training or t == 1):
             x, shared = x.repeat_interleave(t, 0), False
         for i, layer in enumerate(self.layers):
+            if drop and shared and not isinstance(layer, BAYES_LAYERS):
+                # The T masks broadcast over the images, and the layer runs on a few samples' rows at a time (blocks
+                # of about 4 MB stay in cache; the [B*T, D] copy of the features is never written): same numbers.
+                b, d = x.shape
+                keep = torch.empty((t, d), device=x.device, dtype=x.dtype).bernoulli_(1.0 - self.dropout)
+                keep = keep / (1.0 - self.dropout)
+                step = max(1, (1 << 20) // max(1, b * d))
+                blocks = [layer((x.unsqueeze(1) * keep[s:s + step]).reshape(-1, d)) for s in range(0, t, step)]
+                x = torch.cat([block.reshape(b, -1, block.shape[-1]) for block in blocks], 1).reshape(b * t, -1)
+                shared = False
+                if i < len(self.layers) - 1:
+                    x = F.relu(x)
+                continue
             if drop and self.training:
                 x = F.dropout(x, self.dropout, training=True)
-            elif drop and shared:  # the T masks broadcast over the images: one pass writes the [B*T, D] rows
+            elif drop and shared:  # a variational layer after dropout: the T masks broadcast over the images
                 keep = torch.empty((t, x.shape[-1]), device=x.device, dtype=x.dtype).bernoulli_(1.0 - self.dropout)
                 x = (x.unsqueeze(1) * (keep / (1.0 - self.dropout))).reshape(-1, x.shape[-1])
                 shared = False
