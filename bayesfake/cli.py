@@ -10,9 +10,9 @@
     bayesfake evidence FILE ...                         provenance read from the files themselves (evidence)
     bayesfake score SOURCE --out results.parquet [--detectors a,b] [--num-samples T] [--no-evidence]
                                                         score a folder or data set into parquet, resumable
-                                                        (bayesfake.score; under accelerate launch: split across
-                                                        processes, e.g. accelerate launch --cpu --num_processes 2
-                                                        -m bayesfake score ...)
+                                                        (bayesfake.score); split across processes with
+                                                        accelerate launch --multi_gpu --num_processes N -m bayesfake
+                                                        score ... (CPU-only machines too: gloo) or torchrun
 
 ``bayesfake SUBCOMMAND --help`` shows the options of each.
 """
