@@ -43,12 +43,14 @@ VERDICT_UNSURE = "uncertain: needs human review"
 # Adaptive sampling (``model(x, num_samples=T, adaptive=True)``): samples every image gets, samples per later round,
 # and how many standard deviations of the remaining change of its mean P(FAKE) must separate it from every verdict cut
 # point, with that per-sample spread never taken below the floor (see ``BayesFakeDetector.adaptive_settled``). Chosen
-# on 3,000 CIFAKE train images with the released cifake-vi-bcnn at T=30 (verdicts equal to fixed T=30 on 99.70% of
-# them, 5.6 samples per image on average); benchmarks/bench_sampling.py measures them on the test split.
+# on 3,000 CIFAKE train images with the released cifake-vi-bcnn at T=30 (verdicts equal to fixed T=30 on 99.77% of
+# them, 5.9 samples per image on average, 6 rounds at most); benchmarks/bench_sampling.py measures them on the test
+# split.
 ADAPTIVE_FIRST = 3
 ADAPTIVE_STEP = 3
 ADAPTIVE_Z = 3.0
 ADAPTIVE_SD_FLOOR = 0.05
+ADAPTIVE_GROWTH = 1.5  # each later round takes the count to max(n + STEP, 1.5 n): checkpoints 3, 6, 9, 14, 21, 30
 
 
 @dataclass
@@ -138,10 +140,12 @@ def sample_weights(layer: nn.Module, num_samples: int,
     return weight, bias
 
 
-def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor | None,
-                   norm: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor | None, norm: nn.BatchNorm2d,
+                   samples: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Conv weight and bias with an eval-mode BatchNorm folded in: conv(x, w', b') = norm(conv(x, w, b)) up to float
-    round-off (~1e-6 here), one pass over the activations instead of two."""
+    round-off (~1e-6 here), one pass over the activations instead of two. With ``samples`` = T, ``weight`` is
+    [T, C_out, ...] and ``bias`` [T, C_out] (or None): every sample is folded at once, and the bias comes back
+    [T, C_out]."""
     scale = torch.rsqrt(norm.running_var + norm.eps)
     if norm.weight is not None:
         scale = norm.weight * scale
@@ -150,7 +154,11 @@ def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor | None,
         shift = shift + norm.bias
     if bias is not None:
         shift = shift + bias * scale
-    return weight * scale.view(-1, *([1] * (weight.dim() - 1))), shift
+    lead = 0 if samples is None else 1
+    folded = weight * scale.view(*([1] * lead), -1, *([1] * (weight.dim() - 1 - lead)))
+    if samples is not None:
+        shift = shift.expand(samples, shift.shape[-1])
+    return folded, shift
 
 
 def shared_dropout(x: torch.Tensor, p: float, num_samples: int) -> torch.Tensor:
@@ -246,12 +254,16 @@ class ScratchCNN(nn.Module):
             if quantized is not None and not (torch.is_grad_enabled() and x.requires_grad) and x.device.type == "cpu":
                 return quantized(x.contiguous(memory_format=torch.channels_last))
             return self.sample_pass(x, self.mean_weights())
-        draws = self.draw_samples(num_samples, x.dtype)
+        folded = self.fold_samples(self.draw_samples(num_samples, x.dtype))
         b, t = x.shape[0] // num_samples, num_samples
         images = x.reshape(b, t, *x.shape[1:])
-        features = [self.sample_pass(images[:, i], [(w[i], None if bias is None else bias[i]) for w, bias in draws])
+        features = [self.sample_pass(images[:, i], [(w[i], bias[i]) for w, bias in folded], folded=True)
                     for i in range(t)]
         return torch.stack(features, 1).reshape(b * t, -1)
+
+    def fold_samples(self, draws: list) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The T weight samples of ``draw_samples`` with each layer's BatchNorm folded in, all samples at once."""
+        return [fold_batchnorm(w, b, norm, samples=w.shape[0]) for (w, b), norm in zip(draws, self.norms)]
 
     def mean_weights(self) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """(weight, bias) of each conv: the plain weights, or a variational layer's posterior mean."""
@@ -268,11 +280,13 @@ class ScratchCNN(nn.Module):
         """T weight (and bias) samples of every conv, in layer order: the draws one stochastic forward makes."""
         return [sample_weights(conv, num_samples, dtype) for conv in self.convs]
 
-    def sample_pass(self, x: torch.Tensor, weights: list) -> torch.Tensor:
-        """One eval-mode pass of images ``x`` [B, 3, H, W] with one weight sample per conv: [B, D] features."""
+    def sample_pass(self, x: torch.Tensor, weights: list, folded: bool = False) -> torch.Tensor:
+        """One eval-mode pass of images ``x`` [B, 3, H, W] with one weight sample per conv: [B, D] features
+        (``folded``: the weights already hold their BatchNorm, see ``fold_samples``)."""
         x = x.contiguous(memory_format=torch.channels_last)
         for i, ((weight, bias), conv, norm) in enumerate(zip(weights, self.convs, self.norms)):
-            weight, bias = fold_batchnorm(weight, bias, norm)
+            if not folded:
+                weight, bias = fold_batchnorm(weight, bias, norm)
             x = F.conv2d(x, weight, bias, **_conv_args(conv)).relu_()
             if i in (1, 3):
                 x = F.max_pool2d(x, 2)
@@ -678,15 +692,15 @@ class BayesFakeDetector(BayesFakePreTrainedModel):
     def _lazy_sampler(self, pixel_values: torch.Tensor, t: int):
         """For an all-layer variational model: draw all T weight samples now (backbone then head, as a fixed-T call
         draws them), and return ``logits_of(rows, lo, hi)`` -> [hi - lo, len(rows), 2] computing only those passes."""
-        backbone_draws = self.backbone.draw_samples(t, pixel_values.dtype)
+        backbone_draws = self.backbone.fold_samples(self.backbone.draw_samples(t, pixel_values.dtype))
         head_draws = self.head.draw_samples(t, pixel_values.dtype)
 
         def logits_of(rows: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
             x = pixel_values[rows]
             out = []
             for i in range(lo, hi):
-                weights = [(w[i], None if b is None else b[i]) for w, b in backbone_draws]
-                out.append(self.head.sample_pass(self.backbone.sample_pass(x, weights), head_draws, i))
+                features = self.backbone.sample_pass(x, [(w[i], b[i]) for w, b in backbone_draws], folded=True)
+                out.append(self.head.sample_pass(features, head_draws, i))
             return torch.stack(out)
 
         return logits_of
@@ -740,7 +754,7 @@ class BayesFakeDetector(BayesFakePreTrainedModel):
         active = torch.arange(batch)
         n = 0
         while active.numel() and n < t:
-            hi = min(t, n + (ADAPTIVE_FIRST if n == 0 else ADAPTIVE_STEP))
+            hi = min(t, ADAPTIVE_FIRST if n == 0 else max(n + ADAPTIVE_STEP, math.ceil(n * ADAPTIVE_GROWTH)))
             probs = torch.softmax(logits_of(active.to(self.device), n, hi).float() / temperature, dim=-1)
             if sample_probs is None:
                 sample_probs = torch.full((t, batch, 2), math.nan, device=probs.device)
