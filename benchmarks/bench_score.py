@@ -41,6 +41,8 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench_sampling import cpu_name  # noqa: E402  (a sibling script: run as python benchmarks/bench_score.py)
+
 CIFAKE = ROOT.parent / "shared" / "data" / "cifake"
 TEST_PARQUET = CIFAKE / "data" / "test-00000-of-00001.parquet"
 CIFAKE_DETECTORS = "bayesfake/cifake-mcdropout-cnn,bayesfake/cifake-vi-bcnn,bayesfake/cifake-mobilenetv2-ft"
@@ -171,16 +173,6 @@ def scale_check(images: int, detectors: str, chunk: int, kill_after: int, work: 
             "growth_first_mb": (first["late_peak"] - first["early_peak"]) / 2**20,
             "fresh_max_abs_diff": worst, "fresh_text_equal": same_text,
             "command": " ".join(["python"] + cmd[1:])}
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main(argv: list[str] | None = None) -> str:
