@@ -168,9 +168,15 @@ def shared_dropout(x: torch.Tensor, p: float, num_samples: int) -> torch.Tensor:
     answer alone or in any batch (a mask drawn per row would depend on the image's position and the batch size).
     Each image's own T masks are still independent draws, so its predictive is the MC-Dropout predictive.
     """
-    t = num_samples
-    keep = torch.empty((t, x.shape[-1]), device=x.device, dtype=x.dtype).bernoulli_(1.0 - p) / (1.0 - p)
-    return (x.reshape(-1, t, x.shape[-1]) * keep).reshape(x.shape)
+    keep = dropout_masks(num_samples, x, p)
+    return (x.reshape(-1, num_samples, x.shape[-1]) * keep).reshape(x.shape)
+
+
+def dropout_masks(num_samples: int, x: torch.Tensor, p: float) -> torch.Tensor:
+    """The T inference-time dropout masks [T, D] (scaled by 1 / (1 - p)) shared by the images of a batch: one draw of
+    T x D Bernoullis, the same on every sampling path, so the paths give the same numbers for the same seed."""
+    keep = torch.empty((num_samples, x.shape[-1]), device=x.device, dtype=x.dtype).bernoulli_(1.0 - p)
+    return keep / (1.0 - p)
 
 
 def gaussian_kl(layer: nn.Module) -> torch.Tensor:
@@ -339,8 +345,7 @@ class ClassifierHead(nn.Module):
                 # The T masks broadcast over the images, and the layer runs on a few samples' rows at a time (blocks
                 # of about 4 MB stay in cache; the [B*T, D] copy of the features is never written): same numbers.
                 b, d = x.shape
-                keep = torch.empty((t, d), device=x.device, dtype=x.dtype).bernoulli_(1.0 - self.dropout)
-                keep = keep / (1.0 - self.dropout)
+                keep = dropout_masks(t, x, self.dropout)
                 step = max(1, (1 << 20) // max(1, b * d))
                 blocks = [layer((x.unsqueeze(1) * keep[s:s + step]).reshape(-1, d)) for s in range(0, t, step)]
                 x = torch.cat([block.reshape(b, -1, block.shape[-1]) for block in blocks], 1).reshape(b * t, -1)
@@ -351,8 +356,7 @@ class ClassifierHead(nn.Module):
             if drop and self.training:
                 x = F.dropout(x, self.dropout, training=True)
             elif drop and shared:  # a variational layer after dropout: the T masks broadcast over the images
-                keep = torch.empty((t, x.shape[-1]), device=x.device, dtype=x.dtype).bernoulli_(1.0 - self.dropout)
-                x = (x.unsqueeze(1) * (keep / (1.0 - self.dropout))).reshape(-1, x.shape[-1])
+                x = (x.unsqueeze(1) * dropout_masks(t, x, self.dropout)).reshape(-1, x.shape[-1])
                 shared = False
             elif drop:
                 x = shared_dropout(x, self.dropout, num_samples)
