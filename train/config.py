@@ -8,6 +8,9 @@ Two kinds of run share it (``features`` picks one):
   features are cached once, and only the head trains on them. A Gaussian NB head is fitted in closed form (no
   optimiser, one "epoch").
 
+A pixel run may start from a trained detector's weights (``init_from``: fine-tuning) and launder its training images
+(``launder``: train.laundering.random_launder).
+
 Every field is checked for type and range when the config is built (``__post_init__``), with a message naming the
 field, and the ``model`` mapping must make a valid ``BayesFakeConfig``: a bad value fails before any data is decoded.
 """
@@ -62,6 +65,14 @@ class TrainConfig:
     gnb_var_smoothing: float = 1e-9  # Gaussian NB: share of the largest feature variance added to every variance
     augment: bool = True  # pixel runs: random horizontal flip + translation by up to `crop_pad` pixels
     crop_pad: int = 2
+    # Pixel runs: probability per training image of one random everyday laundering (train.laundering.random_launder:
+    # JPEG, blur, down-and-up scaling or a crop resized back), applied to both classes so the detector cannot read
+    # "smoothed" as REAL or FAKE. 0 = none.
+    launder: float = 0.0
+    # A detector folder (a release such as hub_models/cifake-mcdropout-cnn, or a run's OUT/final) whose weights the
+    # run starts from: fine-tuning. Its architecture must be the one `model` describes; its calibration (temperature,
+    # threshold, reject entropy) is not carried over, the evaluation refits it. "" = initialise from `seed`.
+    init_from: str = ""
     channels_last: bool = True  # pixel runs: NHWC activations, oneDNN's faster convolution layout on CPU
 
     # Validation and how the run executes
@@ -90,6 +101,7 @@ class TrainConfig:
             "gnb_var_smoothing": (math.isfinite(self.gnb_var_smoothing) and self.gnb_var_smoothing >= 0,
                                   "must be >= 0"),
             "crop_pad": (self.crop_pad >= 0, "must be >= 0"),
+            "launder": (0 <= self.launder <= 1, "must be in [0, 1]"),
             "val_samples": (self.val_samples >= 1, "must be >= 1"),
             "ckpt_every": (self.ckpt_every >= 1, "must be >= 1"),
             "threads": (self.threads >= 0, "must be >= 0 (0 = all cores)"),
@@ -110,7 +122,16 @@ class TrainConfig:
                                  "name its weights (a file, or 'timm')")
             if model.head == "variational" and model.variational_scope == "all":
                 raise ValueError("features: true needs a deterministic backbone; variational_scope 'all' samples it")
-        elif self.decode_size not in (0, model.image_size):
+        if self.features and self.launder:
+            raise ValueError("launder applies to pixel runs; a feature run trains on cached features of unlaundered "
+                             "images (set launder: 0 or features: false)")
+        if self.init_from and self.backbone_weights:
+            raise ValueError("init_from loads every weight, the backbone's included: backbone_weights would be "
+                             "overwritten; set one of them")
+        if self.init_from and not (Path(self.init_from) / "config.json").is_file():
+            raise ValueError(f"init_from must name a detector folder holding config.json and its weights (a release "
+                             f"such as hub_models/cifake-mcdropout-cnn, or a run's final/); got {self.init_from!r}")
+        if not self.features and self.decode_size not in (0, model.image_size):
             raise ValueError(f"decode_size applies to feature runs; a pixel run decodes at the model's image_size "
                              f"({model.image_size}); got {self.decode_size}")
 

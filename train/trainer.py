@@ -3,18 +3,20 @@
     result = train(load_config("train/configs/cifake-mcdropout-cnn.yaml"), resume=False)
     result.final      # OUT/final: the detector as a complete Hub repo folder (+ train_history.json)
 
-One loop, two kinds of batch (``TrainConfig.features``): uint8 images, augmented and normalised, go through the whole
-model; cached backbone features go through its head only (``TrainStep``). Either way the loss is the cross-entropy of
-one Monte Carlo draw's logits plus ``kl_weight * KL / N`` for variational layers (the ELBO per example), and
-each epoch ends with a validation (``predict`` then ``train.metrics``: accuracy at 0.5 and ``nll``). A Gaussian NB head
-has no optimiser: it is fitted in closed form as the run's single epoch.
+One loop, two kinds of batch (``TrainConfig.features``): uint8 images, laundered at random (``launder``:
+train.laundering.random_launder, both classes alike), augmented and normalised, go through the whole model; cached
+backbone features go through its head only (``TrainStep``). Either way the loss is the cross-entropy of one Monte Carlo
+draw's logits plus ``kl_weight * KL / N`` for variational layers (the ELBO per example), and each epoch ends with a
+validation (``predict`` then ``train.metrics``: accuracy at 0.5 and ``nll``). A Gaussian NB head has no optimiser: it
+is fitted in closed form as the run's single epoch.
 
-The data order is a pure function of (seed, epoch) and augmentations are seeded per (epoch, step, rank), so a resumed
-run replays exactly what an uninterrupted run would do. Every ``ckpt_every`` steps and at every epoch end
-``accelerator.save_state`` writes model, optimiser, every RNG (python, numpy, torch, CUDA) and the run state (epoch,
-step, history, elapsed time, config, validation split) into ``OUT/checkpoint`` atomically: into a temp folder first,
-then renamed, so a kill during a save leaves the previous checkpoint. ``resume=True`` continues from it (see
-``check_resumable`` for what may differ).
+A run starts from ``seed``'s initialisation, or from a trained detector's weights (``init_from``: fine-tuning; its
+calibration is not carried over). The data order is a pure function of (seed, epoch) and launderings and augmentations
+are seeded per (seed, epoch, step, rank), so a resumed run replays exactly what an uninterrupted run would do. Every
+``ckpt_every`` steps and at every epoch end ``accelerator.save_state`` writes model, optimiser, every RNG (python,
+numpy, torch, CUDA) and the run state (epoch, step, history, elapsed time, config, validation split) into
+``OUT/checkpoint`` atomically: into a temp folder first, then renamed, so a kill during a save leaves the previous
+checkpoint. ``resume=True`` continues from it (see ``check_resumable`` for what may differ).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from hub_models import BayesFakeDetector, BayesFakeImageProcessor
 from train.config import TrainConfig, config_defaults
 from train.data import augment_batch, decode_processor, epoch_order, load_splits, training_subset
 from train.features import load_backbone_weights, split_features
+from train.laundering import random_launder
 from train.metrics import accuracy, nll
 from train.prediction import predict
 
@@ -90,13 +93,41 @@ def check_resumable(saved: dict, cfg: TrainConfig, steps_done: int, steps_per_ep
 # Model and data
 
 
+# BayesFakeConfig fields that decide the network's layers and their shapes: a run may start from another detector's
+# weights (init_from) only when these agree. Sampling (dropout rate, priors, T), preprocessing and calibration may
+# differ: the weights still fit.
+ARCHITECTURE_FIELDS = ("backbone", "cnn_widths", "head", "head_hidden", "variational_layer", "variational_scope",
+                       "image_size")
+
+
 def build_model(cfg: TrainConfig) -> tuple[BayesFakeDetector, str]:
     """The detector of ``cfg.model`` in eval mode, initialised from ``cfg.seed``, with its pretrained backbone weights
-    loaded when ``backbone_weights`` names them; returns it and what was loaded (for the record)."""
+    loaded when ``backbone_weights`` names them, or every weight of the detector in ``init_from``; returns it and what
+    was loaded (for the record)."""
     set_seed(cfg.seed)
     model = BayesFakeDetector(cfg.model_config())
+    if cfg.init_from:
+        return init_from_detector(model, cfg.init_from).eval(), f"init_from {cfg.init_from}"
     loaded = load_backbone_weights(model, cfg.backbone_weights) if cfg.backbone_weights else ""
     return model.eval(), loaded
+
+
+def init_from_detector(model: BayesFakeDetector, folder: str) -> BayesFakeDetector:
+    """Copy the weights of the detector in ``folder`` into ``model`` (same architecture, else ``ValueError``). Only the
+    state dict is copied: ``model`` keeps its own config, so the source's calibration (temperature, threshold, reject
+    entropy, all config fields) stays behind and the evaluation of the new run refits it on validation."""
+    source = BayesFakeDetector.from_pretrained(folder)
+    differing = {k: (getattr(source.config, k), getattr(model.config, k)) for k in ARCHITECTURE_FIELDS
+                 if getattr(source.config, k) != getattr(model.config, k)}
+    if differing:
+        raise ValueError(f"init_from {folder}: its architecture differs from the run's model config "
+                         f"({', '.join(f'{k}: {a!r} there, {b!r} here' for k, (a, b) in differing.items())}); "
+                         "set model to the source's architecture")
+    try:
+        model.load_state_dict(source.state_dict(), strict=True)
+    except RuntimeError as err:  # same named architecture, other tensors (e.g. another version of the code)
+        raise ValueError(f"init_from {folder}: its weights do not fit the run's model: {err}") from err
+    return model
 
 
 @dataclass
@@ -297,6 +328,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, command
             idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
             x, y = train_x[idx], train_y[idx].to(device)
             if not cfg.features:
+                if cfg.launder:
+                    # Before flip/translate, as on a real image (laundered first, then framed). Seeded per (seed,
+                    # epoch, step, rank) like the augmentation below: a resumed run draws the same launderings.
+                    launder_rng = np.random.default_rng((cfg.seed, epoch, step, rank))
+                    nhwc = x.permute(0, 2, 3, 1).contiguous().numpy()
+                    x = torch.from_numpy(random_launder(nhwc, cfg.launder, launder_rng))
+                    x = x.permute(0, 3, 1, 2).contiguous()
                 if cfg.augment:
                     # Seeded per (epoch, step, rank): a resumed run draws the same augmentations with no replay.
                     aug_rng = torch.Generator().manual_seed(hash((cfg.seed, epoch, step, rank)) % 2**62)
