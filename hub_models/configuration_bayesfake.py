@@ -22,6 +22,9 @@ VARIATIONAL_SCOPES = ("head", "all")
 # The from-scratch CNN; any other backbone name is created with timm.
 SCRATCH_CNN = "bayesfake_cnn"
 RESAMPLE_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos")
+# Where the domain gate reads its features: the detector's own backbone features ("features"), or a frozen timm model
+# shipped inside the release (its name). None: no gate (a release before 2.0.0).
+DOMAIN_OWN_FEATURES = "features"
 
 
 class BayesFakeConfig(PretrainedConfig):
@@ -52,6 +55,16 @@ class BayesFakeConfig(PretrainedConfig):
         release_version: version of a released detector ("MAJOR.MINOR.PATCH"); its golden outputs carry the same
             version, and a change of outputs needs a new one. None for an unreleased model.
         metrics: measured evaluation metrics (namespaced, e.g. ``cls/acc``), written at export.
+        domain_gate: where the domain gate reads features: ``"features"`` (the detector's own backbone), a timm model
+            name (a frozen extractor shipped in the release, fed ``domain_image_size`` px with ``domain_image_mean`` /
+            ``domain_image_std``), or None (no gate). The gate's statistics (one Gaussian per class fitted on the
+            training set) are weights of the release; ``domain_threshold`` is the Mahalanobis distance above which
+            an image is "outside what this detector was trained on" (chosen so that >= 99% of in-domain validation
+            images pass).
+        training_data: names of the data sets the detector learned from, e.g. ``["cifake"]``.
+        abstention: how ``reject_entropy`` was chosen, for the record: method, alpha (the error rate allowed among
+            answered in-domain images), delta (the probability the bound may fail), calibration size, the coverage
+            reached; None when it was not chosen with a guarantee.
     """
 
     model_type = "bayesfake"
@@ -82,6 +95,13 @@ class BayesFakeConfig(PretrainedConfig):
         sampling_seed: int | None = 0,
         release_version: str | None = None,
         metrics: dict | None = None,
+        domain_gate: str | None = None,
+        domain_image_size: int = 128,
+        domain_image_mean: list[float] | tuple[float, ...] = (0.5, 0.5, 0.5),
+        domain_image_std: list[float] | tuple[float, ...] = (0.5, 0.5, 0.5),
+        domain_threshold: float | None = None,
+        training_data: list[str] | tuple[str, ...] = (),
+        abstention: dict | None = None,
         **kwargs,
     ):
         kwargs.setdefault("id2label", {0: "REAL", 1: "FAKE"})
@@ -110,6 +130,13 @@ class BayesFakeConfig(PretrainedConfig):
         self.sampling_seed = sampling_seed
         self.release_version = release_version
         self.metrics = dict(metrics or {})
+        self.domain_gate = domain_gate
+        self.domain_image_size = domain_image_size
+        self.domain_image_mean = [float(m) for m in domain_image_mean]
+        self.domain_image_std = [float(s) for s in domain_image_std]
+        self.domain_threshold = None if domain_threshold is None else float(domain_threshold)
+        self.training_data = [str(name) for name in training_data]
+        self.abstention = None if abstention is None else dict(abstention)
         super().__init__(**kwargs)
         self.validate_bayesfake()
 
@@ -169,6 +196,14 @@ class BayesFakeConfig(PretrainedConfig):
         if self.release_version is not None and not (
                 isinstance(self.release_version, str) and re.fullmatch(r"\d+\.\d+\.\d+", self.release_version)):
             fail("release_version", 'must be "MAJOR.MINOR.PATCH" text, or None (unreleased)')
+        if self.domain_gate is not None and (not isinstance(self.domain_gate, str) or not self.domain_gate):
+            fail("domain_gate", f"must be {DOMAIN_OWN_FEATURES!r}, a timm model name, or None")
+        if not positive_int(self.domain_image_size, least=8):
+            fail("domain_image_size", "must be an integer >= 8")
+        if len(self.domain_image_mean) != 3 or len(self.domain_image_std) != 3 or min(self.domain_image_std) <= 0:
+            fail("domain_image_std", "domain_image_mean and domain_image_std must hold 3 values (RGB), std > 0")
+        if self.domain_threshold is not None and not 0 < self.domain_threshold < math.inf:
+            fail("domain_threshold", "must be a finite distance > 0, or None")
         if self.num_labels != 2:
             fail("num_labels", "a BayesFake detector has exactly two labels, REAL (0) and FAKE (1)")
 

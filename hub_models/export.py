@@ -40,7 +40,11 @@ from .golden import GOLDEN_FILE, GOLDEN_NUM_IMAGES, GOLDEN_NUM_SAMPLES, GOLDEN_S
 from .hub import CODE_FILES, HUB_MODELS_DIR, HUB_ORG, WEIGHTS_FILE, WEIGHTS_INDEX, check_repo_folder
 from .image_processing_bayesfake import BayesFakeImageProcessor
 
-SHARDS = {"backbone.": "model-backbone.safetensors", "": "model-head.safetensors"}  # first matching prefix wins
+# First matching prefix wins. The domain gate's frozen extractor and its statistics get shards of their own, so
+# releases that ship the same ones hold byte-identical files (one blob in git), as releases sharing a frozen backbone
+# do: the statistics of a 1280-d gate are 13 MB, the same for every release fitted on the same features.
+SHARDS = {"backbone.": "model-backbone.safetensors", "domain_gate.extractor.": "model-domain-extractor.safetensors",
+          "domain_gate.": "model-domain.safetensors", "": "model-head.safetensors"}
 
 
 class ReleaseChangedError(ValueError):
@@ -88,7 +92,7 @@ def export_detector(model, out_dir: str | Path, report: dict | None = None, plot
     if report is not None:
         config.metrics = {k: v for k, v in report["metrics"].items() if isinstance(v, (int, float))}
     model.save_pretrained(out)
-    if config.backbone != SCRATCH_CNN:
+    if config.backbone != SCRATCH_CNN or getattr(model, "domain_gate", None) is not None:
         shard_weights(out)
     else:  # a previous sharded export in the same folder must not shadow the new single file
         for stale in (WEIGHTS_INDEX, *SHARDS.values()):
@@ -126,7 +130,8 @@ def check_release_unchanged(out: Path, golden: dict) -> None:
 
 
 def shard_weights(folder: Path) -> None:
-    """Replace ``model.safetensors`` by one shard per ``SHARDS`` prefix and the index transformers loads them by."""
+    """Replace ``model.safetensors`` by one shard per ``SHARDS`` prefix that has tensors, and the index transformers
+    loads them by."""
     from safetensors.torch import load_file
 
     tensors = load_file(folder / WEIGHTS_FILE)
@@ -138,6 +143,7 @@ def shard_weights(folder: Path) -> None:
         weight_map[key] = name
     total = 0
     for name, part in shards.items():
+        (folder / name).unlink(missing_ok=True)  # a shard of an earlier export that this model no longer has
         if part:
             save_file(part, folder / name, metadata={"format": "pt"})
             total += sum(t.numel() * t.element_size() for t in part.values())
@@ -168,6 +174,62 @@ def write_hub_folder(folder: str | os.PathLike, out_dir: str | os.PathLike) -> P
     return check_repo_folder(out)
 
 
+def answer_rules(config: BayesFakeConfig) -> str:
+    """Plain words on when the detector answers: its domain gate and its certified reject rule."""
+    parts = []
+    if config.domain_gate:
+        reads = ("its own backbone features" if config.domain_gate == "features" else
+                 f"the features of a frozen ImageNet `{config.domain_gate}` shipped in this repo "
+                 f"({config.domain_image_size} px): one small extra backbone pass per image")
+        parts.append(
+            f"**Outside its domain it gives no verdict.** Data it learned from: {', '.join(config.training_data) or 'n/a'}. "
+            f"A domain gate measures how unlike that data an image is (`domain_score`: the Mahalanobis distance of "
+            f"{reads} to one Gaussian per class fitted on the training images); above {config.domain_threshold:.4g} "
+            "(a threshold that at least 99% of in-domain validation images stay under) `in_domain` is False and the "
+            "verdict is \"outside what this detector was trained on: no verdict\". Real photos, other generators and "
+            "full-size pictures are outside a CIFAKE detector's domain: it cannot judge them.")
+    record = config.abstention
+    if record:
+        if record.get("certified"):
+            parts.append(
+                f"**It answers only when it can keep its error rate low.** The reject rule (answer when the predictive "
+                f"entropy is at most {config.reject_entropy:.4g} nats) was certified on "
+                f"{record['calibration_n']} in-domain validation images not used for anything else ({record['method']}): "
+                f"with probability at least {1 - record['delta']:.0%}, at most {record['alpha']:.1%} of the in-domain "
+                f"images it answers are wrong. It answered {record['coverage']:.1%} of them; the others get "
+                "\"uncertain: needs human review\".")
+        else:
+            parts.append(
+                f"**No reject rule could be certified** at an error rate of {record['alpha']:.1%} (probability "
+                f"{1 - record['delta']:.0%}) on {record['calibration_n']} validation images: this detector is too weak "
+                "to answer on its own, so every in-domain image gets \"uncertain: needs human review\"; its "
+                "probabilities are still reported.")
+    return ("\n" + "\n\n".join(parts) + "\n") if parts else ""
+
+
+def stress_section(report: dict | None) -> str:
+    """The laundered and off-domain table of the evaluation report, when it has one."""
+    if not report or not report.get("stress"):
+        return ""
+    rows = []
+    for name, m in report["stress"].items():
+        def pct(key):
+            v = m.get(key)
+            return "n/a" if v is None or v != v else f"{100 * v:.1f}%"
+
+        auroc = m.get("ood/auroc")
+        rows.append(f"| {name} | {m['meta/n']} | {pct('cls/acc')} | {pct('sc/coverage')} | {pct('sc/answered_acc')} | "
+                    f"{pct('ood/outside_share')} | {pct('sc/review_share')} | "
+                    f"{'n/a' if auroc is None else f'{auroc:.3f}'} |")
+    return ("\n## Laundered and off-domain images\n\nThe test images laundered as people do (JPEG, a downscale by 2 "
+            "and back, a 75% centre crop, blur; a seeded subset), and `wild` (real photos and images of 12 generators "
+            "at upload sizes, none like the training data). \"answered\" is the share given a verdict; "
+            "\"outside\" the share the domain gate refused; \"uncertain\" the share sent to review; the domain AUROC "
+            "says how well `domain_score` tells the set from the clean test images.\n\n"
+            "| set | images | accuracy (all) | answered | accuracy (answered) | outside | uncertain | domain AUROC |\n"
+            "|---|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
+
+
 def model_card(config: BayesFakeConfig, report: dict | None, plot_names: list[str], command: str,
                repo_id: str, notes: str = "") -> ModelCard:
     metrics = (report or {}).get("metrics", {})
@@ -184,7 +246,7 @@ def model_card(config: BayesFakeConfig, report: dict | None, plot_names: list[st
         library_name="transformers",
         pipeline_tag="image-classification",
         tags=["ai-generated-image-detection", "uncertainty", "bayesian", config.head, "custom_code"],
-        datasets=["cifake"],
+        datasets=config.training_data or ["cifake"],
         model_name=repo_id,
         eval_results=eval_results or None,
     )
@@ -205,8 +267,9 @@ predictive entropy split into epistemic (mutual information) and aleatoric (expe
 **Training domain**: {config.training_domain or "see the training report"}. Input: {config.image_size}x{config.image_size}
 RGB (any image is converted, EXIF-rotated, resized on its shorter side and center-cropped by the bundled image processor).
 Decision threshold on P(FAKE): {config.threshold:.4f}; temperature: {config.calibration_temperature:.4f};
-reject when predictive entropy > {config.reject_entropy} nats.
-
+{"no reject rule (see below)" if config.reject_entropy is None else
+ f"reject when predictive entropy > {config.reject_entropy:.4g} nats"}.
+{answer_rules(config)}
 ## Use
 
 ```python
@@ -232,7 +295,7 @@ why = model.explain(inputs["pixel_values"])  # saliency map [B, H, W] and featur
 | metric | value |
 |---|---|
 {table or "| (not evaluated) | |"}
-
+{stress_section(report)}
 {plots}
 
 ## Release

@@ -24,6 +24,8 @@ GOLDEN_INPUT_SEED = 20261126
 # the tolerance is far above that noise and far below any real change of a detector.
 GOLDEN_ATOL = 1e-4
 FIELDS = ("probs", "std", "predictive_entropy", "mutual_information", "expected_entropy")
+# Present for detectors with a domain gate (release 2.0.0 on); a record without them belongs to a gate-less detector.
+DOMAIN_FIELDS = ("domain_score", "in_domain")
 
 
 class GoldenMismatch(AssertionError):
@@ -69,6 +71,7 @@ def compute_golden(model) -> dict:
         "verdicts": model.verdicts(out),
     }
     record.update({name: getattr(out, name).cpu().tolist() for name in FIELDS})
+    record.update({name: out[name].cpu().tolist() for name in DOMAIN_FIELDS if out.get(name) is not None})
     return record
 
 
@@ -81,6 +84,15 @@ def differences(expected: dict, actual: dict, atol: float = GOLDEN_ATOL) -> list
             found.append(f"{name}: shape {tuple(a.shape)} != {tuple(b.shape)}")
         elif not torch.allclose(a, b, atol=atol, rtol=0):
             found.append(f"{name}: max |difference| {(a - b).abs().max().item():.3g} > {atol}")
+    for name in DOMAIN_FIELDS:
+        if (name in expected) != (name in actual):
+            found.append(f"{name}: {'expected' if name in expected else 'not expected'}, "
+                         f"{'given' if name in actual else 'missing'}")
+        elif name in expected:
+            a, b = torch.tensor(expected[name], dtype=torch.float64), torch.tensor(actual[name], dtype=torch.float64)
+            # A distance of ~30-100: the same absolute float noise as the probabilities, relative to its size.
+            if a.shape != b.shape or not torch.allclose(a, b, atol=atol, rtol=atol):
+                found.append(f"{name}: {expected[name]} != {actual[name]}")
     if expected["verdicts"] != actual["verdicts"]:
         found.append(f"verdicts: {expected['verdicts']} != {actual['verdicts']}")
     return found

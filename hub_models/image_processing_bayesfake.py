@@ -94,7 +94,9 @@ def resize_center_crop(image: Image.Image, size: int, resample: str) -> Image.Im
 
 
 class BayesFakeImageProcessor(BaseImageProcessor):
-    """PIL/array/path -> normalised ``pixel_values`` [B, 3, size, size]."""
+    """PIL/array/path -> normalised ``pixel_values`` [B, 3, size, size]; for a detector whose domain gate has its own
+    extractor (``domain_size`` set), also ``domain_pixel_values`` [B, 3, domain_size, domain_size]: the same image
+    resized from the original, so the gate sees what the thumbnail lost (a photo shrunk to 32 px looks like CIFAR)."""
 
     model_input_names = ["pixel_values"]
 
@@ -105,6 +107,9 @@ class BayesFakeImageProcessor(BaseImageProcessor):
         image_std: list[float] | tuple[float, ...] = (0.5, 0.5, 0.5),
         resample: str = "bicubic",
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        domain_size: int | None = None,
+        domain_mean: list[float] | tuple[float, ...] = (0.5, 0.5, 0.5),
+        domain_std: list[float] | tuple[float, ...] = (0.5, 0.5, 0.5),
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -117,12 +122,27 @@ class BayesFakeImageProcessor(BaseImageProcessor):
         self.image_std = [float(v) for v in image_std]
         self.resample = resample
         self.max_pixels = int(max_pixels)
+        self.domain_size = None if domain_size is None else int(domain_size)
+        self.domain_mean = [float(v) for v in domain_mean]
+        self.domain_std = [float(v) for v in domain_std]
+        if self.domain_size is not None:
+            self.model_input_names = ["pixel_values", "domain_pixel_values"]
 
     @classmethod
     def from_config(cls, config) -> BayesFakeImageProcessor:
         """The processor matching a ``BayesFakeConfig`` (the config is the source of truth)."""
+        extractor_gate = getattr(config, "domain_gate", None) not in (None, "features")
+        domain = dict(domain_size=config.domain_image_size, domain_mean=config.domain_image_mean,
+                      domain_std=config.domain_image_std) if extractor_gate else {}
         return cls(size=config.image_size, image_mean=config.image_mean, image_std=config.image_std,
-                   resample=config.resample)
+                   resample=config.resample, **domain)
+
+    def domain_processor(self) -> BayesFakeImageProcessor:
+        """The processor of the gate's own input: ``domain_size`` px, its normalisation (``pixel_values`` only)."""
+        if self.domain_size is None:
+            raise ValueError("this detector's domain gate reads its own features: it has no separate input")
+        return BayesFakeImageProcessor(size=self.domain_size, image_mean=self.domain_mean, image_std=self.domain_std,
+                                       resample=self.resample, max_pixels=self.max_pixels)
 
     def to_rgb_uint8(self, image) -> np.ndarray:
         """One image (PIL, path, bytes or HxW[xC] uint8 array) -> [size, size, 3] uint8 RGB array."""
@@ -146,11 +166,18 @@ class BayesFakeImageProcessor(BaseImageProcessor):
             images = [images]
         if not images:
             raise ValueError("no images given")
+        data = {}
+        if self.domain_size is not None:  # decode once, resize twice: both from the original pixels
+            images = [image if isinstance(image, np.ndarray) or torch.is_tensor(image)
+                      else to_rgb(load_image(image), self.max_pixels) for image in images]
+            domain = self.domain_processor()
+            arrays = np.stack([domain.to_rgb_uint8(image) for image in images])
+            data["domain_pixel_values"] = domain.normalize_uint8(torch.from_numpy(arrays).permute(0, 3, 1, 2))
         arrays = np.stack([self.to_rgb_uint8(image) for image in images])
-        pixel_values = self.normalize_uint8(torch.from_numpy(arrays).permute(0, 3, 1, 2))
+        data = {"pixel_values": self.normalize_uint8(torch.from_numpy(arrays).permute(0, 3, 1, 2)), **data}
         if return_tensors not in ("pt", None):
-            pixel_values = pixel_values.numpy()
-        return BatchFeature(data={"pixel_values": pixel_values}, tensor_type=None)
+            data = {key: value.numpy() for key, value in data.items()}
+        return BatchFeature(data=data, tensor_type=None)
 
 
 BayesFakeImageProcessor.register_for_auto_class("AutoImageProcessor")

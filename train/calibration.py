@@ -20,6 +20,7 @@ import torch
 from scipy.optimize import minimize_scalar
 from sklearn.metrics import precision_recall_curve, roc_curve
 
+from train.abstention import ALPHA, DELTA, certify_reject_entropy
 from train.metrics import calibration_metrics
 from train.prediction import Predictions, predict
 
@@ -125,18 +126,19 @@ def choose_reject_entropy(val_preds: Predictions, *, reject_rate: float = 0.10) 
 
 def calibrate_on_validation(model, inputs, labels, num_samples: int | None = None, batch_size: int = 512,
                             seed: int = 0, reject_rate: float = 0.10, threshold_rule: str = "f1_optimal",
-                            progress: bool = True) -> dict:
+                            progress: bool = True, domain_inputs=None) -> dict:
     """Fit temperature, threshold and reject entropy on validation (uint8 images or cached features, as ``predict``
     takes them) and store them in ``model.config``.
 
     Returns a summary: the fitted values, every candidate threshold, and validation NLL / ECE before and after.
     """
-    raw = predict(model, inputs, labels, num_samples, batch_size, seed, progress, keep_sample_logits=True)
+    raw = predict(model, inputs, labels, num_samples, batch_size, seed, progress, keep_sample_logits=True,
+                  domain_inputs=domain_inputs)
     before = calibration_metrics(raw)
     temperature_before = model.config.calibration_temperature
     model.config.calibration_temperature = fit_temperature(raw.sample_logits, raw.labels)
     # Re-predict through the model itself: what is measured is what the tempered detector outputs.
-    calibrated = predict(model, inputs, labels, num_samples, batch_size, seed, progress)
+    calibrated = predict(model, inputs, labels, num_samples, batch_size, seed, progress, domain_inputs=domain_inputs)
     after = calibration_metrics(calibrated)
     thresholds = choose_thresholds(calibrated, rule=threshold_rule)
     model.config.threshold = thresholds["chosen"]
@@ -157,3 +159,35 @@ def calibrate_on_validation(model, inputs, labels, num_samples: int | None = Non
         },
     }
 
+
+
+def calibration_halves(labels, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Indices of two stratified, seeded halves of validation: the first fits temperature, threshold and domain gate
+    threshold; the second, untouched by them, certifies the reject rule (its guarantee needs fresh data)."""
+    from sklearn.model_selection import train_test_split
+
+    labels = np.asarray(labels)
+    fit, certify = train_test_split(np.arange(len(labels)), test_size=0.5, random_state=seed, stratify=labels)
+    return np.sort(fit), np.sort(certify)
+
+
+def certify_reject_rule(model, inputs, labels, alpha: float = ALPHA, delta: float = DELTA,
+                        num_samples: int | None = None, batch_size: int = 512, seed: int = 0,
+                        progress: bool = True, domain_inputs=None) -> dict:
+    """Choose ``config.reject_entropy`` on calibration data so that, with probability >= 1 - ``delta``, at most
+    ``alpha`` of the in-domain images the detector answers are wrong (``train.abstention``); record how in
+    ``config.abstention`` and return that record. Run it after every other fitted value (temperature, threshold,
+    domain gate): the rule is certified for the detector as it is then."""
+    preds = predict(model, inputs, labels, num_samples, batch_size, seed, progress, domain_inputs=domain_inputs)
+    inside = np.ones(len(preds), bool) if preds.in_domain is None else preds.in_domain
+    rule = certify_reject_entropy(preds.predictive_entropy[inside], preds.wrong(model.config.threshold)[inside],
+                                  alpha, delta)
+    model.config.reject_entropy = rule.reject_entropy
+    model.config.abstention = {
+        **rule.as_config(),
+        "certified": rule.reject_entropy is not None,
+        "rule": "answer when the image is in domain and its predictive entropy <= reject_entropy; otherwise "
+                "'uncertain: needs human review' (every in-domain image when nothing could be certified)",
+        "calibration_out_of_domain": int((~inside).sum()),
+    }
+    return model.config.abstention

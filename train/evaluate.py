@@ -28,7 +28,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train.calibration import calibrate_on_validation
+from train.abstention import ALPHA, DELTA, selective_outcome
+from train.calibration import calibrate_on_validation, calibration_halves, certify_reject_rule
+from train.domain import (GATE_TRAIN_IMAGES, attach_domain_gate, choose_domain_threshold, fit_domain_gate,
+                          gate_images)
+from train.offdomain import WILD, stress_sets, stress_report
 from train.data import check_split_record, decode_processor, load_splits
 from train.features import split_features
 from train.metrics import compute_metrics
@@ -41,19 +45,58 @@ log = logging.getLogger(__name__)
 def calibrate_and_evaluate(model, splits: dict, out_dir: str | Path, num_samples: int | None = None,
                            split: str = "test", name: str = "bayesfake", dataset: str = "CIFAKE",
                            batch_size: int = 512, seed: int = 0, reject_rate: float = 0.10,
-                           threshold_rule: str = "f1_optimal", progress: bool = True) -> dict:
+                           threshold_rule: str = "f1_optimal", progress: bool = True, alpha: float | None = None,
+                           delta: float = DELTA, gate_train: tuple | None = None, stress: dict | None = None,
+                           frozen_features: bool = False) -> dict:
     """Calibrate ``model`` on ``splits["val"]`` (its config is updated), evaluate it on ``splits[split]`` and write the
     report into ``out_dir``; return the report dict. ``splits`` maps split names to (uint8 images or a frozen backbone's
-    cached features, int64 labels); on features the report also draws their PCA."""
+    cached features, int64 labels[, uint8 images at the domain gate's input size when its gate has its own
+    extractor]); on features the report also draws their PCA.
+
+    With ``alpha`` the reject rule is certified (``train.abstention``): validation is cut in two stratified halves, the
+    first fits temperature, threshold and (with ``gate_train``, the training (inputs, labels) of an attached domain
+    gate) the gate's Gaussians and threshold; the second certifies ``reject_entropy``. Without it, the reject entropy
+    is the validation quantile that sends ``reject_rate`` to review (releases before 2.0.0). ``stress`` (sets from
+    ``train.offdomain.stress_sets``) adds the laundered and off-domain report, against the test split's predictions.
+    ``frozen_features``: a head on a frozen backbone, whose features of new image sets are cached and shared."""
     num_samples = num_samples or model.config.num_samples
-    summary = calibrate_on_validation(model, *splits["val"], num_samples, batch_size, seed, reject_rate,
-                                      threshold_rule, progress)
-    preds = predict(model, *splits[split], num_samples, batch_size, seed, progress)
+    val_inputs, val_labels, val_domain = (*splits["val"], None)[:3]
+
+    def rows(array, index):
+        return None if array is None else array[index]
+
+    if alpha is None:
+        summary = calibrate_on_validation(model, val_inputs, val_labels, num_samples, batch_size, seed, reject_rate,
+                                          threshold_rule, progress, domain_inputs=val_domain)
+    else:
+        fit, certify = calibration_halves(val_labels, seed)
+        gate = None
+        if gate_train is not None:  # first: every forward pass of a gated detector reports in_domain
+            gate = fit_domain_gate(model, *gate_train, seed=seed, progress=progress, cache=frozen_features)
+            gate_val = val_inputs if val_domain is None else val_domain
+            gate["threshold"] = choose_domain_threshold(model, gate_val[fit], progress=progress)
+        summary = calibrate_on_validation(model, val_inputs[fit], val_labels[fit], num_samples, batch_size, seed,
+                                          reject_rate, threshold_rule, progress, domain_inputs=rows(val_domain, fit))
+        if gate is not None:
+            summary["domain_gate"] = gate
+        summary["abstention"] = certify_reject_rule(model, val_inputs[certify], val_labels[certify], alpha, delta,
+                                                    num_samples, batch_size, seed, progress,
+                                                    domain_inputs=rows(val_domain, certify))
+        summary["calibration"]["reject_entropy"] = model.config.reject_entropy
+    test_inputs, test_labels, test_domain = (*splits[split], None)[:3]
+    preds = predict(model, test_inputs, test_labels, num_samples, batch_size, seed, progress,
+                    domain_inputs=test_domain)
     metrics = compute_metrics(preds, model.config.threshold)
+    if alpha is not None:
+        metrics.update(selective_outcome(preds.predictive_entropy, preds.wrong(model.config.threshold),
+                                         preds.in_domain, model.config.reject_entropy if model.answers_anything
+                                         else None))
     extra = {"dataset": dataset, "split": split, **summary}
+    if stress is not None:
+        extra["stress"] = stress_report(model, stress, preds, num_samples, seed, progress=progress,
+                                        frozen_features=frozen_features)
     inputs = splits[split][0]
     return write_report(metrics, preds, out_dir, name, extra, features=inputs if is_features(inputs) else None)
-
 
 
 def read_run_record(model_dir: str | Path) -> tuple[Path, dict] | tuple[None, None]:
@@ -106,6 +149,24 @@ def evaluation_data(model, record: dict | None, split: str = "test", data: str |
     return wanted
 
 
+def native_splits(model, record: dict | None, data: str | None = None, val_fraction: float | None = None,
+                  split_seed: int | None = None) -> dict:
+    """The run's train / val / test images decoded at the training images' own side (CIFAKE: 32 px, whatever the
+    detector's input size): what the domain gate is fitted on and what laundering is applied to."""
+    recorded = (record or {}).get("split") or {}
+    train_config = (record or {}).get("train_config") or (record or {}).get("config") or {}
+    source = data or recorded.get("data") or train_config.get("data", "../shared/data/cifake")
+    fraction = recorded.get("val_fraction", val_fraction if val_fraction is not None else train_config.get("val_fraction"))
+    seed = recorded.get("seed", split_seed if split_seed is not None else train_config.get("seed"))
+    if fraction is None or seed is None:
+        raise ValueError("no training record with the validation split: pass --val-fraction and --split-seed")
+    processor = decode_processor(model.config, model.config.training_image_size)
+    splits = load_splits(source, processor, fraction, seed)
+    if recorded:
+        check_split_record(recorded, splits.record)
+    return splits
+
+
 def subsample(inputs: np.ndarray, labels: np.ndarray, max_n: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """A seeded random subset of at most ``max_n`` inputs (all of them when ``max_n`` is None)."""
     if max_n is None or len(labels) <= max_n:
@@ -134,6 +195,19 @@ def main(argv: list[str] | None = None, prog: str = "python -m train.evaluate") 
     parser.add_argument("--reject-rate", type=float, default=0.10, help="share of validation sent to human review")
     parser.add_argument("--version", help="release version of the export (a changed detector needs a new one)")
     parser.add_argument("--notes", help="what changed in this release, for the card (with --version)")
+    parser.add_argument("--alpha", type=float, help=f"certify the reject rule (train.abstention): at most ALPHA of the "
+                        f"answered in-domain images wrong (a release uses {ALPHA}); without it, --reject-rate applies")
+    parser.add_argument("--delta", type=float, default=DELTA, help="...with probability at least 1 - DELTA")
+    parser.add_argument("--domain-gate", help="attach and fit a domain gate: 'features' (the detector's own backbone "
+                                              "features) or a timm model name (a frozen extractor, with --domain-weights)")
+    parser.add_argument("--domain-weights", help="pretrained weights file of the gate's extractor")
+    parser.add_argument("--gate-images", type=int, default=GATE_TRAIN_IMAGES,
+                        help="training images the gate's Gaussians are fitted on (a seeded subset)")
+    parser.add_argument("--training-data", action="append", help="name of a data set the detector learned from "
+                                                                 "(repeat for several); stored in config.training_data")
+    parser.add_argument("--stress", action="store_true", help="also report laundered copies of the test split and "
+                                                              "the off-domain set --wild (train.offdomain)")
+    parser.add_argument("--wild", default=WILD, help="off-domain image set of --stress")
     parser.add_argument("--data", help="dataset folder or id (default: the one the run recorded)")
     parser.add_argument("--val-fraction", type=float, help="only for a folder without a training record")
     parser.add_argument("--split-seed", type=int, help="only for a folder without a training record")
@@ -144,14 +218,37 @@ def main(argv: list[str] | None = None, prog: str = "python -m train.evaluate") 
     model = AutoModel.from_pretrained(args.model_dir, trust_remote_code=True)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     record_path, record = read_run_record(args.model_dir)
+    if args.training_data:
+        model.config.training_data = args.training_data
+    if args.domain_gate:
+        if args.alpha is None:
+            parser.error("--domain-gate needs --alpha: the reject rule is certified on in-domain images")
+        attach_domain_gate(model, args.domain_gate, args.domain_weights)
     splits = evaluation_data(model, record, args.split, args.data, args.val_fraction, args.split_seed)
     splits = {key: subsample(*splits[key], args.max_eval, args.seed) for key in ("val", args.split)}
+    gate_train = stress = None
+    if args.domain_gate or args.stress:
+        native = native_splits(model, record, args.data, args.val_fraction, args.split_seed)
+        if args.domain_gate:
+            gate_train = subsample(*native["train"], args.gate_images, args.seed)
+        if model.domain_gate is not None and model.domain_gate.extractor is not None:
+            # The gate reads the images resized from the originals (CIFAKE's 32 px), not from the detector's input.
+            for key in ("val", args.split):
+                images, labels = subsample(*native[key], args.max_eval, args.seed)
+                if not np.array_equal(labels, splits[key][1]):
+                    raise ValueError(f"the {key} split decoded at two sizes does not line up")
+                splits[key] = (*splits[key][:2], gate_images(model, images))
+        if args.stress:
+            test_images, test_labels = subsample(*native[args.split], args.max_eval, args.seed)
+            stress = stress_sets(model, test_images, test_labels, args.wild, seed=args.seed)
     model_dir = Path(args.model_dir).resolve()
     out_dir = Path(args.out) if args.out else model_dir.parent / f"eval_{args.split}"
     name = args.name or Path(args.export or model_dir).name
     report = calibrate_and_evaluate(model, splits, out_dir, args.num_samples, split=args.split, name=name,
                                     dataset=args.dataset_name, batch_size=args.batch_size, seed=args.seed,
-                                    reject_rate=args.reject_rate)
+                                    reject_rate=args.reject_rate, alpha=args.alpha, delta=args.delta,
+                                    gate_train=gate_train, stress=stress,
+                                    frozen_features=is_features(splits[args.split][0]))
     print(json.dumps(report["metrics"], indent=2))
     print(f"wrote {out_dir / 'report.md'}")
     if args.export:

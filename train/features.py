@@ -129,3 +129,13 @@ def split_features(model, splits: dict[str, Split], record: dict, processor: Bay
         folder = cache_folder(model, key) / split
         out[split] = (extract_features(model, images, folder, desc=f"features {split}", progress=progress), labels)
     return out
+
+
+def content_features(model, images: np.ndarray, what: str, progress: bool = True) -> np.ndarray:
+    """Backbone features of uint8 ``images`` (any size: resized by the model's processor as at inference), cached
+    under a hash of their pixels: the frozen-backbone detectors that share a backbone compute them once for any
+    image set (laundered copies, an off-domain set, the domain gate's training images)."""
+    digest = hashlib.sha1(np.ascontiguousarray(images).tobytes()).hexdigest()[:16]
+    key = json.dumps({"content_sha1": digest, "shape": list(images.shape), "what": what}, sort_keys=True)
+    return extract_features(model, images, cache_folder(model, key) / "images", desc=f"features {what}",
+                            progress=progress)

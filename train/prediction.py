@@ -27,6 +27,8 @@ class Predictions:
     expected_entropy: np.ndarray  # aleatoric part
     num_samples: int
     sample_logits: np.ndarray | None = None  # raw sampled logits [T, N, 2] before temperature, only when asked for
+    domain_score: np.ndarray | None = None  # detectors with a domain gate: distance to the training data
+    in_domain: np.ndarray | None = None  # bool, domain_score <= config.domain_threshold
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -69,13 +71,15 @@ def raw_sample_logits(model, inputs: torch.Tensor, num_samples: int, seed: int, 
 
 
 def predict(model, inputs, labels, num_samples: int | None = None, batch_size: int = 512, seed: int = 0,
-            progress: bool = True, keep_sample_logits: bool = False) -> Predictions:
+            progress: bool = True, keep_sample_logits: bool = False, domain_inputs=None) -> Predictions:
     """Monte Carlo predictions of ``model`` (eval mode, T = ``num_samples``, default the config's) on uint8 images,
     or on float [N, D] backbone features (a frozen backbone's cache, run through ``model.forward_features``).
 
     Batch ``i`` is sampled with seed ``seed + i``: repeatable, and images in different batches get different draws;
     features give the same draws as the images they came from. ``keep_sample_logits`` also returns the raw sampled
-    logits (what temperature fitting needs).
+    logits (what temperature fitting needs). ``domain_inputs``: for a detector whose domain gate has its own
+    extractor, uint8 images [N, S, S, 3] at the gate's input size (``config.domain_image_size``), resized from the
+    same originals; they go in as ``domain_pixel_values``.
     """
     features = is_features(inputs)
     inputs = torch.as_tensor(np.asarray(inputs, dtype=np.float32)) if features else as_nchw_uint8(inputs)
@@ -87,8 +91,14 @@ def predict(model, inputs, labels, num_samples: int | None = None, batch_size: i
     num_samples = num_samples or model.config.num_samples
     model.eval()
     processor = BayesFakeImageProcessor.from_config(model.config)
+    if domain_inputs is not None:
+        domain_inputs = as_nchw_uint8(domain_inputs)
+        if len(domain_inputs) != len(inputs):
+            raise ValueError(f"{len(inputs)} inputs but {len(domain_inputs)} domain inputs")
+        domain_processor = processor.domain_processor()
     device = next(model.parameters()).device
-    fields = ("p_fake", "std_fake", "predictive_entropy", "mutual_information", "expected_entropy", "sample_logits")
+    fields = ("p_fake", "std_fake", "predictive_entropy", "mutual_information", "expected_entropy", "sample_logits",
+              "domain_score", "in_domain")
     columns = {name: [] for name in fields}
     starts = range(0, len(inputs), batch_size)
     with torch.no_grad():
@@ -98,16 +108,22 @@ def predict(model, inputs, labels, num_samples: int | None = None, batch_size: i
                 out = model.forward_features(batch, num_samples=num_samples, seed=seed + index)
             else:
                 batch = processor.normalize_uint8(inputs[start:start + batch_size].to(device))
-                out = model(batch, num_samples=num_samples, seed=seed + index)
+                extra = {} if domain_inputs is None else {"domain_pixel_values": domain_processor.normalize_uint8(
+                    domain_inputs[start:start + batch_size].to(device))}
+                out = model(batch, num_samples=num_samples, seed=seed + index, **extra)
             columns["p_fake"].append(out.probs[:, 1])
             columns["std_fake"].append(out.std[:, 1])
             columns["predictive_entropy"].append(out.predictive_entropy)
             columns["mutual_information"].append(out.mutual_information)
             columns["expected_entropy"].append(out.expected_entropy)
+            if out.get("domain_score") is not None:
+                columns["domain_score"].append(out.domain_score)
+                columns["in_domain"].append(out.in_domain)
             if keep_sample_logits:
                 logits = raw_sample_logits(model, batch, num_samples, seed + index, features)
                 columns["sample_logits"].append(logits.expand(num_samples, *logits.shape[1:]))
-    arrays = {name: torch.cat(parts, dim=1 if name == "sample_logits" else 0).float().cpu().numpy()
+    arrays = {name: torch.cat(parts, dim=1 if name == "sample_logits" else 0).cpu().numpy()
               for name, parts in columns.items() if parts}
+    arrays = {name: array if array.dtype == bool else array.astype(np.float32) for name, array in arrays.items()}
     return Predictions(labels=labels, num_samples=num_samples, **arrays)
 

@@ -60,7 +60,11 @@ def report_markdown(report: dict) -> str:
         rows = {k: v for k, v in metrics.items() if k.split("/")[0] == namespace}
         if rows:
             parts += [f"## {title}", markdown_table(rows, ("metric", "value"))]
-    described = {"name", "dataset", "split", "thresholds", "metrics", "plots"}
+    described = {"name", "dataset", "split", "thresholds", "metrics", "plots", "stress"}
+    if report.get("stress"):
+        from train.offdomain import stress_markdown
+
+        parts += ["## Laundered and off-domain images", stress_markdown(report["stress"])]
     for key, value in report.items():
         if key not in described:
             parts += [f"## {key}", markdown_table(value, ("key", "value")) if isinstance(value, dict)
