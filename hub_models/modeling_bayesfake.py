@@ -462,7 +462,8 @@ class DomainGate(nn.Module):
             import timm  # only gates with their own extractor need it
 
             self.extractor = timm.create_model(config.domain_gate, pretrained=False, num_classes=0)
-            dim = self.extractor.num_features
+            # Width of the pooled output: some timm models (MobileNetV3) add a head layer after `num_features`.
+            dim = getattr(self.extractor, "head_hidden_size", None) or self.extractor.num_features
         self.register_buffer("means", torch.zeros(2, dim))
         # Per class, a factor W of the precision matrix (P = W W^T): the squared distance is |(x - mean) W|^2.
         self.register_buffer("whiteners", torch.zeros(2, dim, dim))

@@ -1,28 +1,48 @@
 #!/usr/bin/env bash
-# Reproduce the released detectors end to end: train, calibrate on validation, evaluate on test, export to
-# hub_models/NAME (weights, card, report, plots, train_history.json). Usage: bash scripts/release.sh [NAME ...]
+# Reproduce the released detectors end to end: train, calibrate on validation, certify the reject rule, fit the
+# domain gate, evaluate on test and under laundering / off domain, export to hub_models/NAME (weights, card, report,
+# plots, train_history.json). Usage: bash scripts/release.sh [NAME ...]
 # One path for every detector (train/README.md):
 #   python -m train.train CONFIG     CNNs and fine-tuned backbones: train/configs/NAME.yaml;
-#                                    heads on a frozen backbone: train/configs/frozen/NAME.yaml (cached features)
-#   python -m train.evaluate runs/NAME/final --split test --export hub_models/NAME
+#                                    heads on a frozen backbone: train/configs/frozen/NAME.yaml (cached features);
+#                                    release 2.0.0 of the two CIFAKE CNNs: train/configs/robust/NAME.yaml, a fine-tune
+#                                    of release 1.0.0 on laundered images (its weights come from git, RELEASE_1_REV)
+#   python -m train.evaluate runs/NAME/final --split test --alpha 0.01 --domain-gate GATE --stress --export ...
 # A finished training (runs/NAME/final) is not repeated; an interrupted one resumes from runs/NAME/checkpoint.
-# Releases are immutable: a detector whose outputs changed needs a new version, RELEASE_VERSION=1.1.0 (and
+# Releases are immutable: a detector whose outputs changed needs a new version, RELEASE_VERSION=2.1.0 (and
 # RELEASE_NOTES="what changed") in the environment pass --version / --notes to train.evaluate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
 export HF_HUB_OFFLINE=1
+RELEASE_1_REV=${RELEASE_1_REV:-e363db6}  # the commit that holds every release at 1.0.0
+LITE0=../shared/weights/tf_efficientnet_lite0.in1k.safetensors
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(cifake-mcdropout-cnn cifake-vi-bcnn cifake-mobilenetv2-ft effnetlite0-linear
                                  effnetlite0-gnb effnetlite0-mcd-mlp effnetlite0-mcd-deep effnetlite0-vi-linear)
 for name in "${names[@]}"; do
-    config="train/configs/$name.yaml"
-    [ -f "$config" ] || config="train/configs/frozen/$name.yaml"
-    [ -f "$config" ] || { echo "no config for $name (train/configs/[frozen/]$name.yaml)" >&2; exit 1; }
-    [ -f "runs/$name/final/train_history.json" ] || python -m train.train "$config" \
-        $( [ -d "runs/$name/checkpoint" ] || [ -d "runs/$name/checkpoint.old" ] && echo --resume )
-    python -m train.evaluate "runs/$name/final" --split test --out "runs/$name/eval_test" \
+    run="runs/$name"
+    if [ -f "train/configs/robust/$name.yaml" ]; then
+        config="train/configs/robust/$name.yaml"
+        run="runs/robust-$name"
+        # init_from names runs/release-1.0.0/hub_models/NAME: release 1.0.0, exactly as git holds it.
+        [ -d runs/release-1.0.0/hub_models ] || { mkdir -p runs/release-1.0.0 &&
+            git archive "$RELEASE_1_REV" hub_models | tar -x -C runs/release-1.0.0; }
+    else
+        config="train/configs/$name.yaml"
+        [ -f "$config" ] || config="train/configs/frozen/$name.yaml"
+    fi
+    [ -f "$config" ] || { echo "no config for $name (train/configs/[robust/|frozen/]$name.yaml)" >&2; exit 1; }
+    # The domain gate: a head on frozen EfficientNet-Lite0 features reads those features; the others ship a frozen
+    # Lite0 of their own (their own features do not tell CIFAKE from other images: benchmarks/results_domain.md).
+    case "$name" in
+        effnetlite0-*) gate=(--domain-gate features) ;;
+        *) gate=(--domain-gate tf_efficientnet_lite0 --domain-weights "$LITE0") ;;
+    esac
+    [ -f "$run/final/train_history.json" ] || python -m train.train "$config" \
+        $( [ -d "$run/checkpoint" ] || [ -d "$run/checkpoint.old" ] && echo --resume )
+    python -m train.evaluate "$run/final" --split test --out "$run/eval_test" --alpha 0.01 --delta 0.1 \
+        "${gate[@]}" --training-data cifake --stress \
         --export "hub_models/$name" ${RELEASE_VERSION:+--version "$RELEASE_VERSION"} \
-        ${RELEASE_NOTES:+--notes "$RELEASE_NOTES"} \
-        --command "python -m train.train $config && python -m train.evaluate runs/$name/final --split test --export hub_models/$name   # = bash scripts/release.sh $name"
+        ${RELEASE_NOTES:+--notes "$RELEASE_NOTES"} --command "bash scripts/release.sh $name"
 done

@@ -238,6 +238,30 @@ def test_calibrate_and_evaluate_end_to_end(tmp_path):
     config.validate_bayesfake()
 
 
+def test_certified_gated_evaluation_with_laundered_and_off_domain_sets(tmp_path, one_thread):
+    """alpha: validation halves (fit / certify), the gate fitted on train, the rule certified, the stress report."""
+    from train.offdomain import stress_sets
+
+    model = tiny_model(domain_gate="features")
+    train_images, train_labels = random_split(80, seed=1)
+    splits = {"val": random_split(60, seed=2), "test": random_split(30, seed=3)}
+    stress = stress_sets(model, *splits["test"], wild=None, launder_images_n=12)
+    report = calibrate_and_evaluate(model, splits, tmp_path, num_samples=4, batch_size=16, progress=False,
+                                    alpha=0.01, delta=0.1, gate_train=(train_images, train_labels), stress=stress)
+    config = model.config
+    assert report["domain_gate"]["fitted_on"] == 80 and config.domain_threshold == report["domain_gate"]["threshold"]
+    # A random net cannot reach a 1% error bound on 30 images: nothing certified, everything in domain to review.
+    assert config.abstention["calibration_n"] + config.abstention["calibration_out_of_domain"] == 30
+    assert config.abstention["certified"] is False and config.reject_entropy is None
+    assert report["metrics"]["sc/coverage"] == 0.0
+    assert set(report["stress"]) == {"clean", "laundered/jpeg75", "laundered/jpeg50", "laundered/downup0.5",
+                                     "laundered/crop75", "laundered/blur1"}
+    assert report["stress"]["laundered/jpeg50"]["meta/n"] == 12
+    assert 0.0 <= report["stress"]["laundered/blur1"]["ood/auroc"] <= 1.0
+    assert "## Laundered and off-domain images" in (tmp_path / "report.md").read_text()
+    config.validate_bayesfake()
+
+
 def trained_folder(tmp_path, record_split: bool = True):
     """A tiny detector exported as training leaves it: OUT/final with train_history.json recording its split."""
     from hub_models.export import export_detector

@@ -138,7 +138,9 @@ def evaluation_data(model, record: dict | None, split: str = "test", data: str |
     else:
         raise ValueError("no training record with the validation split (train_history.json in the model folder or "
                          "history.json beside it): pass --val-fraction and --split-seed")
-    features = bool(train_config.get("features")) and not getattr(model, "backbone_stochastic", False)
+    # A frozen-backbone head: its config says so; a record of the older frozen-head trainer names its backbone instead.
+    frozen = train_config.get("features") or record.get("backbone")
+    features = bool(frozen) and not getattr(model, "backbone_stochastic", False)
     processor = decode_processor(model.config, train_config.get("decode_size", 0) if features else 0)
     splits = load_splits(source, processor, val_fraction, split_seed)
     if recorded:
