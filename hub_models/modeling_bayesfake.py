@@ -743,7 +743,7 @@ class BayesFakeDetector(BayesFakePreTrainedModel):
         """
         self.check_pixel_values(pixel_values)
         gate = None if self.training else self.domain_gate
-        if domain_pixel_values is not None and (gate is None or gate.extractor is None):
+        if domain_pixel_values is not None and (self.domain_gate is None or self.domain_gate.extractor is None):
             raise ValueError("domain_pixel_values is only for a detector whose domain gate has its own extractor")
         if gate is not None and gate.extractor is None:
             # The gate reads the backbone's own features: one backbone pass serves the gate and the T head samples
@@ -758,18 +758,24 @@ class BayesFakeDetector(BayesFakePreTrainedModel):
             lambda x, t, sampled: self.sample_logits(x, t, stochastic=sampled),
             pixel_values, num_samples, labels, seed, generator, stochastic, adaptive=adaptive)
         if gate is not None:
-            param = next(self.parameters())
-            if domain_pixel_values is None:
-                if not self._warned_domain_input:
-                    logger.warning("domain gate: no domain_pixel_values given, so it judges the %dpx pixel_values "
-                                   "upsampled; pass the image processor's domain_pixel_values for the full check",
-                                   self.config.image_size)
-                    self._warned_domain_input = True
-                gate_input = gate.extractor_input(pixel_values.to(device=param.device, dtype=param.dtype))
-            else:
-                gate_input = self.check_domain_pixel_values(domain_pixel_values, pixel_values.shape[0])
-            out = self._apply_domain_gate(out, gate.features(gate_input.to(device=param.device, dtype=param.dtype)))
+            out = self._apply_domain_gate(out, self._extractor_features(pixel_values, domain_pixel_values))
         return out
+
+    def _extractor_features(self, pixel_values: torch.Tensor, domain_pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """The domain gate's extractor features of ``domain_pixel_values``, else of ``pixel_values`` upsampled."""
+        gate = self.domain_gate
+        param = next(self.parameters())
+        if domain_pixel_values is None:
+            if not self._warned_domain_input:
+                logger.warning("domain gate: no domain_pixel_values given, so it judges the %dpx pixel_values "
+                               "upsampled; pass the image processor's domain_pixel_values for the full check",
+                               self.config.image_size)
+                self._warned_domain_input = True
+            gate_input = gate.extractor_input(pixel_values.to(device=param.device, dtype=param.dtype))
+        else:
+            gate_input = self.check_domain_pixel_values(domain_pixel_values, pixel_values.shape[0])
+        with torch.no_grad():
+            return gate.features(gate_input.to(device=param.device, dtype=param.dtype))
 
     def check_domain_pixel_values(self, domain_pixel_values, batch: int) -> torch.Tensor:
         """``domain_pixel_values`` must be what the image processor makes for the gate: [B, 3, S, S] floats, finite."""
@@ -979,7 +985,8 @@ class BayesFakeDetector(BayesFakePreTrainedModel):
             kl=kl,
         )
 
-    def explain(self, pixel_values: torch.Tensor, num_samples: int | None = None, seed: int | None = 0) -> dict:
+    def explain(self, pixel_values: torch.Tensor, num_samples: int | None = None, seed: int | None = 0,
+                domain_pixel_values: torch.Tensor | None = None) -> dict:
         """Why the detector says what it says: gradients of the Monte Carlo P(FAKE) of each image.
 
         Returns a dict of tensors (no graph attached):
@@ -988,7 +995,9 @@ class BayesFakeDetector(BayesFakePreTrainedModel):
             ``feature_importance`` [B, D]: |feature * gradient|, how much each feature moves P(FAKE) (gradient x input);
             ``p_fake`` [B]: the P(FAKE) that was differentiated;
             ``output``: the whole ``BayesFakeOutput`` of those samples, equal to ``model(pixel_values, num_samples,
-            seed=seed)``, so a caller that wants the verdict and its reasons runs the detector once.
+            seed=seed)``, so a caller that wants the verdict and its reasons runs the detector once (with a domain
+            gate, in eval mode, its ``domain_score`` and ``in_domain`` too; pass ``domain_pixel_values`` as to
+            ``forward``).
         The T samples share one seeded draw (``seed``), so the map is repeatable; the backbone still runs once.
         """
         t = self._num_samples(num_samples)
@@ -1003,6 +1012,12 @@ class BayesFakeDetector(BayesFakePreTrainedModel):
             # Images are independent, so one gradient of the sum gives every image's own; autograd.grad (not
             # backward) leaves the parameters' .grad alone, so explaining never disturbs a training loop.
             pixel_grad, feature_grad = torch.autograd.grad(p_fake.sum(), [x, features])
+        output = BayesFakeOutput(**{k: v.detach() for k, v in output.items()})
+        gate = None if self.training else self.domain_gate
+        if gate is not None:
+            own = gate.extractor is None and not self.backbone_stochastic
+            output = self._apply_domain_gate(output, features.detach() if own else
+                                             self._extractor_features(x.detach(), domain_pixel_values))
         b = x.shape[0]
         feature_gradient = feature_grad.reshape(b, -1, features.shape[-1])
         attribution = (features.detach().reshape(b, -1, features.shape[-1]) * feature_gradient).abs()
@@ -1011,7 +1026,7 @@ class BayesFakeDetector(BayesFakePreTrainedModel):
             "feature_gradient": feature_gradient.sum(1),  # all-layer VI: summed over the per-sample features
             "feature_importance": attribution.sum(1),
             "p_fake": p_fake.detach(),
-            "output": BayesFakeOutput(**{k: v.detach() for k, v in output.items()}),
+            "output": output,
         }
 
     # ------------------------------------------------------------------------------------------------------------------

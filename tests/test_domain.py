@@ -67,9 +67,12 @@ def test_threshold_lets_99_percent_of_validation_through(gated):
     assert (domain_scores(gated, val, progress=False) <= gated.config.domain_threshold).mean() >= 0.99
 
 
-def test_forward_features_gives_the_same_gate(gated):
+def test_forward_features_and_explain_give_the_same_gate(gated):
     x = pixels(gated, images(6, 4))
     out = gated(x, num_samples=4, seed=1)
+    explained = gated.explain(x, num_samples=4, seed=1)["output"]
+    assert torch.allclose(explained.domain_score, out.domain_score, atol=1e-5)
+    assert gated.verdicts(explained) == gated.verdicts(out)
     via_features = gated.forward_features(gated.backbone(x), num_samples=4, seed=1)
     assert torch.allclose(out.domain_score, via_features.domain_score, atol=1e-5)
     assert torch.allclose(out.probs, via_features.probs, atol=1e-6)
@@ -128,8 +131,12 @@ def test_extractor_gate_reads_domain_pixel_values_from_the_processor(tiny_config
     processor = BayesFakeImageProcessor.from_config(model.config)
     batch = processor([img for img in images(3, 2, size=64)])
     assert batch["pixel_values"].shape == (3, 3, 16, 16) and batch["domain_pixel_values"].shape == (3, 3, 32, 32)
-    out = model(**batch, num_samples=2)
+    out = model(**batch, num_samples=2, seed=0)
     assert out.domain_score.shape == (3,)
+    explained = model.explain(batch["pixel_values"], num_samples=2, seed=0,
+                              domain_pixel_values=batch["domain_pixel_values"])["output"]
+    assert torch.allclose(explained.domain_score, out.domain_score, atol=1e-5)
+    assert torch.equal(explained.in_domain, out.in_domain)
     with pytest.raises(ValueError, match="domain_pixel_values must be"):
         model(batch["pixel_values"], domain_pixel_values=batch["domain_pixel_values"][:, :, :16, :16])
     with pytest.raises(ValueError, match="NaN"):
