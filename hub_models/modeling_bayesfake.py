@@ -716,6 +716,7 @@ class BayesFakeDetector(BayesFakePreTrainedModel):
         return_dict: bool | None = None,
         adaptive: bool = False,
         domain_pixel_values: torch.Tensor | None = None,
+        domain_features: torch.Tensor | None = None,
     ) -> BayesFakeOutput:
         """Monte Carlo predictive over ``num_samples`` (default ``config.num_samples``) samples.
 
@@ -737,14 +738,18 @@ class BayesFakeDetector(BayesFakePreTrainedModel):
                 second output (the image resized from the original to ``config.domain_image_size``). Without it the
                 gate sees ``pixel_values`` upsampled, which cannot tell a photo shrunk to the detector's size from its
                 training images: pass it (the processor and ``pipeline`` do).
+            domain_features: instead of ``domain_pixel_values``, the gate extractor's features [B, D] of them,
+                computed beforehand (``model.domain_gate.features``; a cache shared by detectors that ship the same
+                extractor, as evaluation and scoring at scale use).
         With a domain gate (eval mode) the output adds ``domain_score`` [B] and ``in_domain`` [B].
         Unknown keyword arguments raise ``TypeError`` (a misspelt ``num_sample=`` must not silently run the default).
         Any image gives the same answer alone or in any batch, for a given seed and T (adaptive too).
         """
         self.check_pixel_values(pixel_values)
         gate = None if self.training else self.domain_gate
-        if domain_pixel_values is not None and (self.domain_gate is None or self.domain_gate.extractor is None):
-            raise ValueError("domain_pixel_values is only for a detector whose domain gate has its own extractor")
+        for name, given in (("domain_pixel_values", domain_pixel_values), ("domain_features", domain_features)):
+            if given is not None and (self.domain_gate is None or self.domain_gate.extractor is None):
+                raise ValueError(f"{name} is only for a detector whose domain gate has its own extractor")
         if gate is not None and gate.extractor is None:
             # The gate reads the backbone's own features: one backbone pass serves the gate and the T head samples
             # (the backbone is deterministic here, so this equals the pixel path below).
@@ -758,7 +763,18 @@ class BayesFakeDetector(BayesFakePreTrainedModel):
             lambda x, t, sampled: self.sample_logits(x, t, stochastic=sampled),
             pixel_values, num_samples, labels, seed, generator, stochastic, adaptive=adaptive)
         if gate is not None:
-            out = self._apply_domain_gate(out, self._extractor_features(pixel_values, domain_pixel_values))
+            if domain_features is not None:
+                width = gate.feature_dim
+                if (not torch.is_tensor(domain_features) or domain_features.shape != (pixel_values.shape[0], width)
+                        or not domain_features.is_floating_point()):
+                    shape = tuple(domain_features.shape) if torch.is_tensor(domain_features) else \
+                        type(domain_features).__name__
+                    raise ValueError(f"domain_features must be a float tensor [{pixel_values.shape[0]}, {width}] of "
+                                     f"the gate extractor's features; got {shape}")
+                gate_features = domain_features.to(gate.means.device)
+            else:
+                gate_features = self._extractor_features(pixel_values, domain_pixel_values)
+            out = self._apply_domain_gate(out, gate_features)
         return out
 
     def _extractor_features(self, pixel_values: torch.Tensor, domain_pixel_values: torch.Tensor | None) -> torch.Tensor:

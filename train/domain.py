@@ -14,6 +14,9 @@ Lite0 as the gate's extractor and the Lite0-head releases reuse their own backbo
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from tqdm.auto import tqdm
 
 from hub_models.configuration_bayesfake import DOMAIN_OWN_FEATURES
 from hub_models.image_processing_bayesfake import BayesFakeImageProcessor
+from train.data import default_cache_dir
 from train.features import content_features
 from train.prediction import as_nchw_uint8, is_features
 
@@ -96,18 +100,56 @@ def gate_features(model, inputs, batch_size: int = 256, progress: bool = True, c
         return np.asarray(inputs, dtype=np.float32)
     if gate.extractor is None and cache:
         return content_features(model, np.asarray(inputs), "gate", progress)
-    images = as_nchw_uint8(gate_images(model, np.asarray(inputs)))
-    processor = BayesFakeImageProcessor.from_config(model.config)
     if gate.extractor is not None:
-        processor = processor.domain_processor()
+        return extractor_features(model, np.asarray(inputs), batch_size, progress)
+    images = as_nchw_uint8(gate_images(model, np.asarray(inputs)))  # a gate on the detector's own features
+    processor = BayesFakeImageProcessor.from_config(model.config)
     device = next(model.parameters()).device
     model.eval()
     parts = []
     for start in tqdm(range(0, len(images), batch_size), desc="gate features", unit="batch", disable=not progress):
         x = processor.normalize_uint8(images[start:start + batch_size].to(device))
-        parts.append((model.backbone(x) if gate.extractor is None else gate.extractor(
-            x.contiguous(memory_format=torch.channels_last))).float().cpu())
+        parts.append(model.backbone(x).float().cpu())
     return torch.cat(parts).numpy()
+
+
+def _extractor_digest(model) -> str:
+    digest = hashlib.sha1()
+    cfg = model.config
+    digest.update(json.dumps([cfg.domain_gate, cfg.domain_image_size, cfg.domain_image_mean, cfg.domain_image_std,
+                              cfg.resample, "v1"]).encode())
+    for key, tensor in sorted(model.domain_gate.extractor.state_dict().items()):
+        digest.update(key.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes()[:4096])
+    return digest.hexdigest()[:12]
+
+
+@torch.no_grad()
+def extractor_features(model, images: np.ndarray, batch_size: int = 256, progress: bool = True,
+                       cache_dir: Path | str | None = "auto") -> np.ndarray:
+    """The gate extractor's features [N, D] of uint8 ``images`` (any size: resized to the gate's input from these
+    pixels), cached under a hash of the pixels and of the extractor: the detectors that ship the same extractor
+    (the CIFAKE CNNs and MobileNetV2 share a frozen Lite0) compute them once for any image set."""
+    gate = model.domain_gate
+    content = hashlib.sha1(np.ascontiguousarray(images).tobytes()).hexdigest()[:16]
+    root = default_cache_dir() if cache_dir == "auto" else Path(cache_dir)
+    path = root / "domain" / f"{model.config.domain_gate}-{_extractor_digest(model)}" / f"{content}-{len(images)}.npy"
+    if path.is_file():
+        return np.load(path)
+    resized = as_nchw_uint8(gate_images(model, images))
+    processor = BayesFakeImageProcessor.from_config(model.config).domain_processor()
+    device = next(model.parameters()).device
+    model.eval()
+    parts = []
+    for start in tqdm(range(0, len(resized), batch_size), desc="gate features", unit="batch", disable=not progress):
+        x = processor.normalize_uint8(resized[start:start + batch_size].to(device))
+        parts.append(gate.features(x).float().cpu())
+    features = torch.cat(parts).numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, features)
+    os.replace(tmp, path)  # atomic: a cached file is always complete
+    return features
 
 
 def fit_domain_gate(model, inputs, labels, max_images: int = GATE_TRAIN_IMAGES, seed: int = 0,

@@ -79,7 +79,8 @@ def predict(model, inputs, labels, num_samples: int | None = None, batch_size: i
     features give the same draws as the images they came from. ``keep_sample_logits`` also returns the raw sampled
     logits (what temperature fitting needs). ``domain_inputs``: for a detector whose domain gate has its own
     extractor, uint8 images [N, S, S, 3] at the gate's input size (``config.domain_image_size``), resized from the
-    same originals; they go in as ``domain_pixel_values``.
+    same originals; their extractor features are computed once (cached, ``train.domain.extractor_features``) and go in
+    as ``domain_features``.
     """
     features = is_features(inputs)
     inputs = torch.as_tensor(np.asarray(inputs, dtype=np.float32)) if features else as_nchw_uint8(inputs)
@@ -91,11 +92,13 @@ def predict(model, inputs, labels, num_samples: int | None = None, batch_size: i
     num_samples = num_samples or model.config.num_samples
     model.eval()
     processor = BayesFakeImageProcessor.from_config(model.config)
+    domain_features = None
     if domain_inputs is not None:
-        domain_inputs = as_nchw_uint8(domain_inputs)
         if len(domain_inputs) != len(inputs):
             raise ValueError(f"{len(inputs)} inputs but {len(domain_inputs)} domain inputs")
-        domain_processor = processor.domain_processor()
+        from train.domain import extractor_features  # the gate's features, cached and shared across detectors
+
+        domain_features = torch.from_numpy(extractor_features(model, np.asarray(domain_inputs), progress=progress))
     device = next(model.parameters()).device
     fields = ("p_fake", "std_fake", "predictive_entropy", "mutual_information", "expected_entropy", "sample_logits",
               "domain_score", "in_domain")
@@ -108,8 +111,8 @@ def predict(model, inputs, labels, num_samples: int | None = None, batch_size: i
                 out = model.forward_features(batch, num_samples=num_samples, seed=seed + index)
             else:
                 batch = processor.normalize_uint8(inputs[start:start + batch_size].to(device))
-                extra = {} if domain_inputs is None else {"domain_pixel_values": domain_processor.normalize_uint8(
-                    domain_inputs[start:start + batch_size].to(device))}
+                extra = {} if domain_features is None else {
+                    "domain_features": domain_features[start:start + batch_size].to(device)}
                 out = model(batch, num_samples=num_samples, seed=seed + index, **extra)
             columns["p_fake"].append(out.probs[:, 1])
             columns["std_fake"].append(out.std[:, 1])
