@@ -137,6 +137,11 @@ def test_extractor_gate_reads_domain_pixel_values_from_the_processor(tiny_config
                               domain_pixel_values=batch["domain_pixel_values"])["output"]
     assert torch.allclose(explained.domain_score, out.domain_score, atol=1e-5)
     assert torch.equal(explained.in_domain, out.in_domain)
+    precomputed = model.domain_gate.features(batch["domain_pixel_values"])
+    via_features = model(batch["pixel_values"], num_samples=2, seed=0, domain_features=precomputed)
+    assert torch.allclose(via_features.domain_score, out.domain_score, atol=1e-5)
+    with pytest.raises(ValueError, match="domain_features must be"):
+        model(batch["pixel_values"], domain_features=precomputed[:, :5])
     with pytest.raises(ValueError, match="domain_pixel_values must be"):
         model(batch["pixel_values"], domain_pixel_values=batch["domain_pixel_values"][:, :, :16, :16])
     with pytest.raises(ValueError, match="NaN"):
