@@ -20,9 +20,13 @@ in the stream), ``sha256`` of the image bytes, ``label`` (a data set's label, if
 could not be scored: unreadable files get a row, never a crash), and per detector ``NAME/p_fake`` (mean P(FAKE)),
 ``NAME/std`` (standard deviation of P(FAKE) over the samples), ``NAME/predictive_entropy``,
 ``NAME/mutual_information``, ``NAME/expected_entropy``, ``NAME/verdict``, ``NAME/num_samples`` (samples the answer
-rests on) and, when the model's output has them, ``NAME/in_domain`` and ``NAME/domain_score``; then the file's own
-provenance evidence (``evidence.read_evidence``): ``evidence_says``, ``evidence_strong``, ``evidence_summary``
-(``--no-evidence`` skips it).
+rests on), ``NAME/in_domain`` and ``NAME/domain_score`` (the detector's domain gate: whether the image is like its
+training data, and how unlike it is; null for a detector without a gate); then the file's own provenance evidence
+(``evidence.read_evidence``): ``evidence_says``, ``evidence_strong``, ``evidence_summary`` (``--no-evidence`` skips
+it); then the one answer over the scored detectors (``hub_models.headline``: detectors outside their domain do not
+count, a disagreement is "uncertain"): ``headline`` (one of the four verdicts), ``headline_answered``,
+``headline_abstained`` and ``headline_outside`` (lists of detector column names); null for an image no detector
+scored.
 
 Each detector runs with its own image processor and its ``config.num_samples`` (``--num-samples`` overrides), seeded
 with its ``config.sampling_seed`` (``--seed`` overrides), so results are repeatable and an image gets the same answer
@@ -31,8 +35,12 @@ in any batch, on any process.
 Crash-safe and resumable: every chunk of ``--chunk-size`` images is written as its own parquet file under
 ``OUT.parts/`` (written to a temporary name, then renamed), so a kill loses at most the chunk in flight; a rerun with
 the same settings skips every key already written, and the end merges the parts with any earlier ``OUT`` into ``OUT``
-(sorted by ``index``, one row per key) and removes the parts. Under ``accelerate launch`` each process scores every
-N-th image still to do and writes its own parts; the main process merges after all are done.
+(sorted by ``index``, one row per key) and removes the parts. Rows written by an older version of this command, before
+the domain and headline columns existed, are kept: their ``in_domain`` and ``domain_score`` stay null (not measured)
+and their headline is computed from their verdicts, with a warning. The settings record each detector's
+``release_version``: a resume with another release of a detector is refused, since its rows would mix two models.
+Under ``accelerate launch`` each process scores every N-th image still to do and writes its own parts; the main
+process merges after all are done.
 """
 
 from __future__ import annotations
@@ -56,7 +64,14 @@ log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".jfif", ".avif", ".heic"}
 DATA_SUFFIXES = {".parquet", ".arrow", ".csv", ".json", ".jsonl"}
-OPTIONAL_FIELDS = (("in_domain", pa.bool_()), ("domain_score", pa.float64()))
+# Per detector, from its domain gate (null for a detector without one).
+DOMAIN_FIELDS = (("in_domain", pa.bool_()), ("domain_score", pa.float64()))
+# The one answer over the scored detectors (hub_models.headline), per image.
+HEADLINE_FIELDS = [pa.field("headline", pa.string()), pa.field("headline_answered", pa.list_(pa.string())),
+                   pa.field("headline_abstained", pa.list_(pa.string())),
+                   pa.field("headline_outside", pa.list_(pa.string()))]
+# Columns an older version of this command did not write; a resumed run keeps those rows (see merge).
+ADDED_COLUMNS = ("/in_domain", "/domain_score", *(f.name for f in HEADLINE_FIELDS))
 SETTINGS_KEY = b"bayesfake.score"
 MERGE_ROWS = 4096
 
@@ -258,10 +273,11 @@ class Detector:
         self.num_samples = num_samples or self.model.config.num_samples
         self.seed = seed
         self.adaptive = adaptive
-        size = self.model.config.image_size
-        with torch.inference_mode():
-            probe = self.model(torch.zeros(1, 3, size, size, device=device), num_samples=min(2, self.num_samples))
-        self.optional = [(field, kind) for field, kind in OPTIONAL_FIELDS if probe.get(field) is not None]
+        self.version = self.model.config.release_version
+        # A gate with its own extractor reads the image resized from the original to its own size; without that
+        # input it would judge the small thumbnail (much weaker). None: no gate, or a gate on the model's features.
+        self.domain_processor = (self.processor.domain_processor()
+                                 if getattr(self.processor, "domain_size", None) is not None else None)
 
     def fields(self) -> list[pa.Field]:
         c = self.column
@@ -270,38 +286,49 @@ class Detector:
                   pa.field(f"{c}/mutual_information", pa.float64()),
                   pa.field(f"{c}/expected_entropy", pa.float64()), pa.field(f"{c}/verdict", pa.string()),
                   pa.field(f"{c}/num_samples", pa.int32())]
-        return fields + [pa.field(f"{c}/{field}", kind) for field, kind in self.optional]
+        return fields + [pa.field(f"{c}/{field}", kind) for field, kind in DOMAIN_FIELDS]
 
     def score(self, images: list) -> tuple[dict[int, dict], dict[int, str]]:
         """Score decoded PIL images (None entries are skipped): per position its columns, or the error."""
         import torch
 
-        arrays, positions, errors = [], [], {}
+        arrays, domain_arrays, positions, errors = [], [], [], {}
         for i, image in enumerate(images):
             if image is None:
                 continue
             try:
-                arrays.append(self.processor.to_rgb_uint8(image))
+                array = self.processor.to_rgb_uint8(image)
+                if self.domain_processor is not None:
+                    domain_arrays.append(self.domain_processor.to_rgb_uint8(image))
+                arrays.append(array)
                 positions.append(i)
             except ValueError as err:
                 errors[i] = f"{self.column}: {err}"
         results: dict[int, dict] = {}
         if not arrays:
             return results, errors
-        pixels = self.processor.normalize_uint8(torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2))
+
+        def normalized(processor, batch):
+            return processor.normalize_uint8(torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2))
+
+        pixels = normalized(self.processor, arrays)
+        domain = normalized(self.domain_processor, domain_arrays) if self.domain_processor is not None else None
         kwargs = dict(num_samples=self.num_samples, seed=self.seed)
         if self.adaptive:
             kwargs["adaptive"] = True
-        try:
+
+        def run(rows):
+            extra = {} if domain is None else {"domain_pixel_values": domain[rows].to(self.device)}
             with torch.inference_mode():
-                out = self.model(pixels.to(self.device), **kwargs)
-            outs = [(positions, out)]
+                return self.model(pixels[rows].to(self.device), **extra, **kwargs)
+
+        try:
+            outs = [(positions, run(slice(None)))]
         except Exception:  # noqa: BLE001 - find the image at fault, score the others
             outs = []
-            for position, row in zip(positions, pixels):
+            for j, position in enumerate(positions):
                 try:
-                    with torch.inference_mode():
-                        outs.append(([position], self.model(row[None].to(self.device), **kwargs)))
+                    outs.append(([position], run(slice(j, j + 1))))
                 except Exception as err:  # noqa: BLE001
                     errors[position] = f"{self.column}: {type(err).__name__}: {err}"
         c = self.column
@@ -314,14 +341,15 @@ class Detector:
             ee = out.expected_entropy.double().cpu().tolist()
             used = out.get("num_samples_used")
             used = used.cpu().tolist() if used is not None else [self.num_samples] * len(where)
-            extra = {field: out.get(field).reshape(len(where), -1)[:, 0].cpu().tolist() for field, _ in self.optional}
+            extra = {field: None if out.get(field) is None else out.get(field).reshape(len(where), -1)[:, 0].cpu()
+                     .tolist() for field, _ in DOMAIN_FIELDS}
             for j, position in enumerate(where):
                 row = {f"{c}/p_fake": probs[j], f"{c}/std": std[j], f"{c}/predictive_entropy": pe[j],
                        f"{c}/mutual_information": mi[j], f"{c}/expected_entropy": ee[j],
                        f"{c}/verdict": verdicts[j], f"{c}/num_samples": int(used[j])}
-                for field, kind in self.optional:
-                    value = extra[field][j]
-                    row[f"{c}/{field}"] = bool(value) if kind == pa.bool_() else float(value)
+                for field, kind in DOMAIN_FIELDS:
+                    value = None if extra[field] is None else extra[field][j]
+                    row[f"{c}/{field}"] = None if value is None else bool(value) if kind == pa.bool_() else float(value)
                 results[position] = row
         return results, errors
 
@@ -343,25 +371,82 @@ def parts_dir(out: Path) -> Path:
     return out.with_name(out.name + ".parts")
 
 
-def _check_settings(schema: pa.Schema, settings: dict, where: Path) -> None:
+def _check_settings(schema: pa.Schema, settings: dict, where: Path) -> bool:
+    """``ValueError`` unless ``where`` was written with ``settings``; True when it was written before the settings
+    recorded the detectors' releases (``versions``), which then cannot be checked."""
     found = (schema.metadata or {}).get(SETTINGS_KEY)
-    if found is not None and json.loads(found) != settings:
+    if found is None:
+        return False
+    earlier = json.loads(found)
+    mine = dict(settings)
+    unversioned = "versions" not in earlier
+    if unversioned:
+        mine.pop("versions", None)
+    if earlier != mine:
         raise ValueError(f"{where} was written with other settings ({found.decode()}) than this run "
                          f"({json.dumps(settings)}): give another --out, or remove it to start again")
+    return unversioned
+
+
+def headline_columns(verdicts: dict[str, str | None]) -> dict:
+    """The headline columns of one row from its detectors' verdicts (column name -> verdict, None where the detector
+    did not score the image): ``hub_models.headline`` over those that did; all null when none did."""
+    from hub_models.headline import headline
+
+    scored = {name: verdict for name, verdict in verdicts.items() if verdict is not None}
+    if not scored:
+        return {field.name: None for field in HEADLINE_FIELDS}
+    combined = headline(scored)
+    return {"headline": combined.verdict, "headline_answered": combined.answered,
+            "headline_abstained": combined.abstained, "headline_outside": combined.outside}
+
+
+def conform(table: pa.Table, schema: pa.Schema, where: Path) -> pa.Table:
+    """``table`` (rows of one part or of an earlier OUT) with ``schema``'s columns in its order.
+
+    Rows written by an older version of this command lack the columns added since (``ADDED_COLUMNS``): their
+    ``NAME/in_domain`` and ``NAME/domain_score`` become null (not measured: that run reported no domain check), and
+    their headline is computed from their verdicts, by the same rule as new rows. Any other missing column is an
+    error: the file is not a part of this run."""
+    missing = [name for name in schema.names if name not in table.column_names]
+    if not missing:
+        return table.select(schema.names).cast(schema)
+    unknown = [name for name in missing if not name.endswith(ADDED_COLUMNS)]
+    if unknown:
+        raise ValueError(f"{where} lacks the columns {', '.join(unknown)}: it was not written by this run's settings; "
+                         "give another --out, or remove it to start again")
+    verdict_columns = [name for name in schema.names if name.endswith("/verdict")]
+    headlines = None
+    if any(field.name in missing for field in HEADLINE_FIELDS):
+        verdicts = {name: table.column(name).to_pylist() for name in verdict_columns}
+        headlines = [headline_columns({name.removesuffix("/verdict"): values[i] for name, values in verdicts.items()})
+                     for i in range(table.num_rows)]
+    for name in missing:
+        kind = schema.field(name).type
+        values = ([row[name] for row in headlines] if headlines is not None and name in headlines[0]
+                  else [None] * table.num_rows)
+        table = table.append_column(pa.field(name, kind), pa.array(values, type=kind))
+    return table.select(schema.names).cast(schema)
 
 
 def done_keys(out: Path, settings: dict) -> set[str]:
     """Keys already written to ``out`` or its parts (checking they were written with the same settings)."""
     keys: set[str] = set()
     files = ([out] if out.is_file() else []) + sorted(parts_dir(out).glob("*.parquet"))
+    unversioned = []
     for file in files:
         try:
             pf = pq.ParquetFile(file)
         except Exception as err:  # noqa: BLE001 - parts are renamed into place whole; anything else is not ours
             raise ValueError(f"{file} is not a readable parquet file ({err}); remove it and rerun") from err
-        _check_settings(pf.schema_arrow, settings, file)
+        if _check_settings(pf.schema_arrow, settings, file):
+            unversioned.append(file)
         for batch in pf.iter_batches(columns=["key"], batch_size=65536):
             keys.update(batch.column(0).to_pylist())
+    if unversioned:
+        log.warning("%d earlier file(s) (%s) do not record which release of each detector wrote them (an older "
+                    "bayesfake score); resuming on the assumption that they are the releases loaded now (%s)",
+                    len(unversioned), unversioned[0], json.dumps(settings.get("versions")))
     return keys
 
 
@@ -385,9 +470,20 @@ def merge(out: Path, schema: pa.Schema) -> int:
     """
     folder = parts_dir(out)
     parts = sorted(folder.glob("*.parquet"))
-    if not parts:  # nothing new: OUT is already the merged file
-        return pq.ParquetFile(out).metadata.num_rows if out.is_file() else 0
+    if not parts and (not out.is_file() or pq.ParquetFile(out).schema_arrow.names == schema.names):
+        return pq.ParquetFile(out).metadata.num_rows if out.is_file() else 0  # nothing new: OUT is merged already
+    # (an OUT written by an older version of this command, with nothing new to add, is rewritten with the columns
+    # added since: see conform)
     sources = ([out] if out.is_file() else []) + parts
+    older = {}  # file -> the columns it lacks (written by an older version of this command): said once per file
+    for file in sources:
+        pf = pq.ParquetFile(file)
+        lacking = [name for name in schema.names if name not in pf.schema_arrow.names]
+        if lacking:
+            older[file] = (pf.metadata.num_rows, lacking)
+    for file, (rows, lacking) in older.items():
+        log.warning("%s: %d rows written by an older bayesfake score lack %s; their domain columns are left null (not "
+                    "measured) and their headline is computed from their verdicts", file, rows, ", ".join(lacking))
     units = []  # (file, row group)
     entries = []  # (index, unit id, row in unit)
     seen: set[str] = set()
@@ -414,7 +510,7 @@ def merge(out: Path, schema: pa.Schema) -> int:
                     del cache[unit]
             for unit in needed - cache.keys():
                 file, group = units[unit]
-                cache[unit] = pq.ParquetFile(file).read_row_group(group).select(schema.names).cast(schema)
+                cache[unit] = conform(pq.ParquetFile(file).read_row_group(group), schema, file)
             order = sorted(needed)
             offsets, offset = {}, 0
             for unit in order:
@@ -482,6 +578,8 @@ def score_chunk(records: list[Record], detectors: list[Detector], schema: pa.Sch
             for position, error in errors.items():
                 row = rows[start + position]
                 row["error"] = error if not row["error"] else f"{row['error']}; {error}"
+    for row in rows:
+        row.update(headline_columns({d.column: row.get(f"{d.column}/verdict") for d in detectors}))
     columns = {name: [row.get(name) for row in rows] for name in schema.names}
     return pa.Table.from_pydict(columns, schema=schema)
 
@@ -543,10 +641,11 @@ def _score(source, out: Path, detectors, num_samples, seed, adaptive, evidence, 
     fields = base_fields(evidence)
     for detector in loaded:
         fields += detector.fields()
+    fields += HEADLINE_FIELDS
     where = Path(source).resolve() if Path(source).exists() else source
     settings = {"source": str(where), "split": split, "detectors": [d.column for d in loaded],
                 "num_samples": {d.column: d.num_samples for d in loaded}, "seed": seed, "adaptive": adaptive,
-                "evidence": evidence}
+                "evidence": evidence, "versions": {d.column: d.version for d in loaded}}
     schema = pa.schema(fields, metadata={SETTINGS_KEY: json.dumps(settings).encode()})
     out.parent.mkdir(parents=True, exist_ok=True)
     skip = done_keys(out, settings)

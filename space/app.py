@@ -10,8 +10,9 @@ Every detector is loaded once at start through ``hub_models.hub.load_detector`` 
 The server honours GRADIO_SERVER_NAME / GRADIO_SERVER_PORT.
 
 API (``gradio_client``; image files go through ``handle_file``):
-    /predict        (image, num_samples=30, detectors=None) -> {"image": {...}, "detectors": {name: result},
-                    "evidence": {...}}
+    /predict        (image, num_samples=30, detectors=None) -> {"image": {...}, "headline": {verdict, answered,
+                    abstained, outside, explanation}, "detectors": {name: result (in_domain and domain_score: None
+                    without a domain gate)}, "evidence": {...}}
     /predict_batch  (images, num_samples=30, detectors=None) -> [one /predict answer, or {"file", "error", "evidence"},
                     ...]
     /evidence       (image) -> what the file itself says about its origin: {"findings": [{kind, says, strong, detail,
@@ -56,15 +57,16 @@ from gradio_client.utils import is_file_obj_with_meta, is_http_url_like
 # Space folder holds a copy).
 import evidence
 import hub_models
+from hub_models.headline import names_text
 from hub_models.hub import DEFAULT_REPO_IDS
 
 if __package__:  # imported as the package space (tests, benchmarks)
     from . import provenance
-    from .charts import batch_charts, explanation_chart, short_label, single_image_charts
+    from .charts import batch_charts, domain_chart, explanation_chart, short_label, single_image_charts
     from .detectors import DEFAULT_NUM_SAMPLES, MAX_NUM_SAMPLES, DetectorPool, Names, preview_source, read_image
 else:  # run as a script from its own folder: python space/app.py, or app.py in a pushed Space
     import provenance
-    from charts import batch_charts, explanation_chart, short_label, single_image_charts
+    from charts import batch_charts, domain_chart, explanation_chart, short_label, single_image_charts
     from detectors import DEFAULT_NUM_SAMPLES, MAX_NUM_SAMPLES, DetectorPool, Names, preview_source, read_image
 
 SPACE_DIR = Path(__file__).resolve().parent
@@ -89,20 +91,30 @@ QUEUE_CONCURRENCY = 4
 QUEUE_MAX_SIZE = 256
 # Batch table and CSV; entropies in nats. Long text (error, warnings) after the numbers, so they stay in view; then
 # what the file itself says: evidence (ai-generated, ai-edited, camera or none), whether that is strong, the summary.
-# The page's table leaves the summary out (the status above it lists one per file, not one per detector row).
+# Then, added later and so last (CSV readers that index columns keep working): the detector's domain check (in_domain,
+# domain_score; empty for a detector without one) and the file's combined answer over the detectors that ran
+# (headline, and the detectors that answered, abstained, or were outside their domain, "; "-separated).
 TABLE_COLUMNS = ["file", "detector", "verdict", "P(FAKE)", "std", "epistemic", "aleatoric", "total", "T", "error",
-                 "warnings", "evidence", "evidence_strong", "evidence_summary"]
-PAGE_TABLE_COLUMNS = TABLE_COLUMNS[:-1]
-PAGE_TABLE_WIDTHS = ["8%", "9%", "8%", "8%", "6%", "8%", "9%", "7%", "3%", "7%", "11%", "8%", "8%"]  # headers unbroken
+                 "warnings", "evidence", "evidence_strong", "evidence_summary", "in_domain", "domain_score",
+                 "headline", "headline_answered", "headline_abstained", "headline_outside"]
+# The page's table: one row per file and detector; the summary and the combined answer are one per file, so the status
+# above the table lists them instead.
+PAGE_TABLE_COLUMNS = ["file", "detector", "verdict", "P(FAKE)", "std", "epistemic", "aleatoric", "total", "T",
+                      "in_domain", "error", "warnings", "evidence", "evidence_strong"]
+PAGE_TABLE_WIDTHS = ["8%", "8%", "9%", "7%", "5%", "8%", "8%", "6%", "3%", "7%", "7%", "10%", "7%", "7%"]
+# Headers as shown: "in domain" breaks between its words in its narrow column ("in_domain" broke mid-word).
+PAGE_TABLE_HEADERS = [{"in_domain": "in domain"}.get(name, name) for name in PAGE_TABLE_COLUMNS]
 # The headline's look: a box whose edge says what kind of answer it is (strong AI evidence, strong camera evidence,
-# the detectors' guess, nothing analysed); its first paragraph is the answer.
+# the detectors' guess, nothing analysed); its first paragraph is the answer (the file's own word in bold; the
+# detectors' sentence with only its verdict in bold, since its reasons can be long).
 PAGE_CSS = """
 #headline { border: 1px solid var(--border-color-primary); border-left: 8px solid #8a8f98; border-radius: 8px;
             padding: 10px 16px; background: var(--background-fill-secondary); }
 #headline.tone-ai { border-left-color: #c0392b; }
 #headline.tone-camera { border-left-color: #2470c2; }
 #headline.tone-error { border-left-color: #d68910; }
-#headline p:first-child { font-size: 1.2em; font-weight: 600; margin-bottom: 6px; }
+#headline p:first-child { font-size: 1.2em; margin-bottom: 6px; }
+#headline.tone-ai p:first-child, #headline.tone-camera p:first-child { font-weight: 600; }
 #headline p:nth-child(3) { font-size: 0.95em; }
 #image-preview img { width: 100%; height: 100%; object-fit: contain; }
 #evidence-panel, #verdict { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 4px 14px; }
@@ -195,24 +207,82 @@ def import_paths() -> dict[str, str]:
 # Page text and tables
 
 
+NATS = "nats: 0 is sure, 0.69 is a coin toss"  # what the unit means, said once per detector
+
+
+def domain_text(r: dict) -> str:
+    """The detector's domain check in plain words: in or out, with its score against its limit, or that it has none."""
+    if r.get("in_domain") is None:
+        return ("none: this detector has no domain check, so it answers every image, even ones unlike anything it "
+                "was trained on")
+    where = (f"score {r['domain_score']:.3g}, limit {r['domain_threshold']:.3g}; higher means less like its training "
+             "data")
+    if r["in_domain"]:
+        return f"the image is like its training data ({where})"
+    return f"**the image is outside what it was trained on** ({where}), so it gives no verdict"
+
+
+def detector_markdown(r: dict) -> str:
+    """One detector's details: the verdict, its domain check, P(FAKE) with its spread, the uncertainty in plain words
+    first (the jargon in brackets), and what it was trained on."""
+    p_fake = r["probs"]["FAKE"]
+    if r.get("stochastic", True):
+        spread = (f"P(FAKE) = **{p_fake:.3f} ± {r['std']['FAKE']:.3f}** over T = {r['num_samples']} samples (± is "
+                  "the spread of its Monte Carlo samples)")
+        split = (f"epistemic {r['mutual_information']:.3f} (the detector's own doubt: how much its samples disagree, "
+                 f"the mutual information) + aleatoric {r['expected_entropy']:.3f} (ambiguity in the image itself)")
+    else:
+        spread = f"P(FAKE) = **{p_fake:.3f}**, no sampling spread (deterministic)"
+        split = "all of it ambiguity in the image itself (aleatoric): one deterministic pass has no sampling doubt"
+    reject = (f"; it says uncertain above {r['reject_entropy']:.2f}" if r["reject_entropy"] is not None else "")
+    lines = [f"### {short_label(r['detector'])}: {r['verdict']}",
+             f"- *Domain check:* {domain_text(r)}.",
+             f"- {spread}; it calls an image AI-generated from P(FAKE) {r['threshold']:.2f} up.",
+             f"- *Uncertainty* ({NATS}): total {r['predictive_entropy']:.3f} = {split}{reject}.",
+             f"- *Trained on:* {r['training_domain'] or 'not stated'} ({r['image_size']}x{r['image_size']} RGB)."]
+    text = "\n".join(lines)
+    if r["warnings"]:
+        text += "\n\n> ⚠️ **Far from this detector's training data** (trust the verdict less): " + "; ".join(
+            r["warnings"]) + "."
+    return text
+
+
 def verdict_markdown(answer: dict) -> str:
     image = answer["image"]
-    parts = ["#### What the pixel detectors say",
+    parts = ["#### What each pixel detector says",
              f"**{image['name']}**: {image['width']}x{image['height']} px, {image['mode']}"
              f"{', ' + image['format'] if image['format'] else ''}"]
-    for r in answer["detectors"].values():
-        reject = (f"; uncertain when total > {r['reject_entropy']:.2f} nats" if r["reject_entropy"] is not None
-                  else "")
-        text = (f"### {short_label(r['detector'])}: {r['verdict']}\n"
-                f"P(FAKE) = **{r['probs']['FAKE']:.3f} ± {r['std']['FAKE']:.3f}** over T = {r['num_samples']} "
-                f"samples (threshold {r['threshold']:.2f}{reject}). Uncertainty: total {r['predictive_entropy']:.3f} "
-                f"nats = epistemic {r['mutual_information']:.3f} + aleatoric {r['expected_entropy']:.3f}.  \n"
-                f"*Trained on:* {r['training_domain'] or 'not stated'} ({r['image_size']}x{r['image_size']} RGB).")
-        if r["warnings"]:
-            text += "\n\n> ⚠️ **Far from this detector's training data** (trust the verdict less): " + "; ".join(
-                r["warnings"]) + "."
-        parts.append(text)
+    parts += [detector_markdown(r) for r in answer["detectors"].values()]
     return "\n\n".join(parts)
+
+
+def scope_markdown(pool: DetectorPool) -> str:
+    """What the loaded detectors were trained on and what they cannot judge, from their configs, said up front."""
+    if not pool.detectors:
+        return ""
+    by_domain: dict[str, list[str]] = {}
+    for d in pool.detectors.values():
+        by_domain.setdefault(d.config.training_domain or "data that is not stated", []).append(short_label(d.name))
+    n = len(pool.detectors)
+    learned = " ".join(
+        f"{'All ' + str(n) + ' detectors' if len(names) == n > 1 else 'The detector' if n == 1 else names_text(names)}"
+        f" learned from {domain}." for domain, names in by_domain.items())
+    cifake = any("cifake" in [x.lower() for x in d.config.training_data] or "cifake" in d.config.training_domain.lower()
+                 for d in pool.detectors.values())
+    unlike = ("real photos at full size, or pictures from other generators" if cifake else
+              "pictures unlike their training data")
+    ungated = [short_label(d.name) for d in pool.detectors.values() if d.model.domain_gate is None]
+    one = len(ungated) == 1
+    if len(ungated) == n:
+        gate = ("no detector here has a domain check yet, so " + ("it still answers" if n == 1 else "they still answer")
+                + " such images: trust " + ("it" if n == 1 else "them") + " only on images like the training data")
+    else:
+        gate = "a detector with a domain check says \"outside what it was trained on\" and gives no verdict"
+        if ungated:
+            gate += (f"; {names_text(ungated)} ha{'s' if one else 've'} no domain check and still answer"
+                     f"{'s' if one else ''} them, so trust {'it' if one else 'them'} only on images like the training "
+                     "data")
+    return f"**What the detectors know.** {learned} {'It' if n == 1 else 'They'} cannot judge {unlike}: {gate}."
 
 
 def load_failures_markdown(failed: dict[str, str]) -> str:
@@ -223,13 +293,16 @@ def load_failures_markdown(failed: dict[str, str]) -> str:
 
 
 def detectors_markdown(pool: DetectorPool) -> str:
-    rows = ["| detector | head | backbone | training domain | input | default T | threshold | reject above | metrics |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| detector | head | backbone | training domain | domain check | input | default T | threshold | "
+            "reject above | metrics |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for d in pool.detectors.values():
         c = d.config
         metrics = ", ".join(f"{k} {v:.3f}" for k, v in c.metrics.items() if isinstance(v, (int, float))) or "-"
         reject = "-" if c.reject_entropy is None else f"{c.reject_entropy:.2f} nats"
-        rows.append(f"| `{d.name}` | {c.head} | {c.backbone} | {c.training_domain or '-'} | {c.image_size}x"
+        gate = ("none (answers every image)" if d.model.domain_gate is None or c.domain_threshold is None else
+                f"{'own features' if c.domain_gate == 'features' else c.domain_gate}, limit {c.domain_threshold:.3g}")
+        rows.append(f"| `{d.name}` | {c.head} | {c.backbone} | {c.training_domain or '-'} | {gate} | {c.image_size}x"
                     f"{c.image_size} RGB | {c.num_samples} | {c.threshold:.3f} | {reject} | {metrics} |")
     text = "\n".join(rows) if pool.detectors else "No detector is loaded."
     return text + ("\n\n" + load_failures_markdown(pool.failed) if pool.failed else "")
@@ -243,13 +316,30 @@ def batch_table(answers: list[dict]) -> pd.DataFrame:
         if "error" in a:
             rows.append({"file": a["file"], "error": a["error"], **found})
             continue
+        combined = a["headline"]
+        answer = {"headline": combined["verdict"], **{f"headline_{key}": "; ".join(combined[key])
+                                                      for key in ("answered", "abstained", "outside")}}
         for r in a["detectors"].values():
+            score = r.get("domain_score")
             rows.append({"file": a["image"]["name"], "detector": r["detector"], "verdict": r["verdict"],
                          "P(FAKE)": round(r["probs"]["FAKE"], 4), "std": round(r["std"]["FAKE"], 4),
                          "epistemic": round(r["mutual_information"], 4), "aleatoric": round(r["expected_entropy"], 4),
                          "total": round(r["predictive_entropy"], 4), "T": r["num_samples"],
-                         "warnings": "; ".join(r["warnings"]), "error": "", **found})
-    return pd.DataFrame(rows, columns=TABLE_COLUMNS).fillna("")
+                         "warnings": "; ".join(r["warnings"]), "error": "", **found,
+                         "in_domain": r.get("in_domain"), "domain_score": None if score is None else round(score, 4),
+                         **answer})
+    # object dtype first: pandas deprecates filling a float column (an unreadable file's empty P(FAKE), domain_score)
+    # with text, and will raise on it
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS).astype(object).fillna("")
+
+
+def page_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The batch table as the page shows it: its columns, with readable headers, and each detector by its short name
+    (the CSV keeps the full repo ids or paths)."""
+    shown = table[PAGE_TABLE_COLUMNS].copy()
+    shown["detector"] = [short_label(name) if name else name for name in shown["detector"]]
+    shown.columns = PAGE_TABLE_HEADERS
+    return shown
 
 
 def write_batch_csv(table: pd.DataFrame) -> str:
@@ -272,14 +362,13 @@ def write_batch_csv(table: pd.DataFrame) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 # The app
 
-INTRO = """# BayesFake: is this image AI-generated, and how sure is the detector?
-First, the file itself is read as uploaded: content credentials (C2PA), generator settings, invisible watermarks and
-camera tags can say where it came from, and the strong ones are harder evidence than any detector. Then each detector
-is sampled **T** times (Monte Carlo dropout or variational weights). The spread of the samples is the error bar; the
-predictive entropy (**total** uncertainty) splits into **epistemic** (the detector's own doubt, high on unfamiliar
-images) and **aleatoric** (ambiguity in the image itself). A verdict of *uncertain* means: ask a human. The detectors
-only know their training domain (below each verdict); treat every verdict as a screening aid, never as proof. A file
-without provenance evidence is not thereby real: most sites strip metadata."""
+INTRO = """# BayesFake: is this image AI-generated, and how sure are the detectors?
+The answer comes first, in one sentence. The file itself is read as uploaded: content credentials (C2PA), generator
+settings, invisible watermarks and camera tags can say where it came from, and the strong ones are harder evidence than
+any detector. Then the pixel detectors judge the picture. Each one answers only when it is sure enough; otherwise it
+says *uncertain* (ask a human), and for an image unlike what it was trained on it says *outside* and gives no verdict.
+The answer counts only the detectors that could judge the image, and is *uncertain* when they disagree. A verdict is a
+screening aid, never proof; a file without provenance evidence is not thereby real (most sites strip metadata)."""
 
 
 API_HELP = """Call the Space from Python with `gradio_client` (`pip install gradio_client`):
@@ -291,8 +380,10 @@ from gradio_client import Client, handle_file
 # ssl_verify: one verifying TLS context for all of the client's requests (about 40 ms less per call than the default)
 client = Client("http://127.0.0.1:7860", ssl_verify=httpx.create_ssl_context())   # or the Space id
 answer = client.predict(handle_file("photo.jpg"), 30, api_name="/predict")
+print(answer["headline"]["verdict"], answer["headline"]["explanation"])   # the one answer over the detectors
 for name, r in answer["detectors"].items():
-    print(name, r["verdict"], r["probs"]["FAKE"], r["std"]["FAKE"], r["mutual_information"], r["warnings"])
+    print(name, r["verdict"], r["probs"]["FAKE"], r["std"]["FAKE"], r["mutual_information"], r["warnings"],
+          r["in_domain"], r["domain_score"])   # in_domain / domain_score: None for a detector without a domain gate
 rows = client.predict([handle_file("a.png"), handle_file("b.jpg")], 30, api_name="/predict_batch")
 why = client.predict(handle_file("photo.jpg"), 30, api_name="/explain")  # saliency map + top features per detector
 print(answer["evidence"]["summary"])   # what the file itself says (also in each /predict_batch answer)
@@ -303,14 +394,18 @@ print(client.predict(api_name="/models"))
 ```
 Each answer is repeatable (fixed seed per request). An unreadable image raises an error that says why; `/evidence`
 answers any uploaded file, and says in `errors` what it could not read.
+`headline` combines the detectors that ran: those outside their domain do not count; it is "likely ..." only when
+every detector that answered agrees, "uncertain: needs human review" when they disagree or all abstained, and
+"outside what this detector was trained on: no verdict" when none could judge the image (`answered`, `abstained`,
+`outside` name them).
 `detectors=` (third argument: one name, "a,b" or a list of names) restricts the run to some of the loaded detectors."""
 
 
 EMPTY_HEADLINE = "Upload an image or pick an example."
 EMPTY_EVIDENCE = ("#### What the file itself says\nRead from the file as uploaded: content credentials (C2PA), "
                   "generator settings, invisible watermarks, IPTC labels and EXIF tags.")
-EMPTY_VERDICT = ("#### What the pixel detectors say\nEach detector's verdict, P(FAKE) with its error bar over T "
-                 "samples, and its uncertainty.")
+EMPTY_VERDICT = ("#### What each pixel detector says\nEach detector's verdict, its domain check, P(FAKE) with its "
+                 "spread over T samples, and its uncertainty.")
 
 
 def build_demo(model_ids: list[str], reader: provenance.EvidenceReader | None = None) -> gr.Blocks:
@@ -321,9 +416,11 @@ def build_demo(model_ids: list[str], reader: provenance.EvidenceReader | None = 
     examples = sorted(str(p) for p in EXAMPLES_DIR.glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
 
     def predict(image: FileData, num_samples: int = DEFAULT_NUM_SAMPLES, detectors: Names = None) -> dict:
-        """One image -> per detector: probs, std, predictive_entropy, mutual_information (epistemic),
-        expected_entropy (aleatoric), verdict, threshold, num_samples, sample_p_fake, warnings; and "evidence": what
-        the file itself says about its origin (as /evidence answers)."""
+        """One image -> "headline": the one answer over the detectors that ran (verdict, answered, abstained,
+        outside, explanation); per detector: probs, std, predictive_entropy, mutual_information (epistemic),
+        expected_entropy (aleatoric), verdict, threshold, num_samples, sample_p_fake, warnings, in_domain and
+        domain_score (None without a domain gate); and "evidence": what the file itself says about its origin (as
+        /evidence answers)."""
         try:
             return provenance.analyse_file(pool, reader, uploaded_path(image), num_samples, detectors)
         except ValueError as err:
@@ -373,20 +470,22 @@ def build_demo(model_ids: list[str], reader: provenance.EvidenceReader | None = 
     def analyse_page(upload, names, num_samples):
         # Runs with preprocess=False so the raw upload reaches read_image and the evidence reader as it arrived.
         if upload is None:
-            return (gr.Markdown(EMPTY_HEADLINE, elem_classes=["tone-none"]), EMPTY_EVIDENCE, EMPTY_VERDICT, None, None,
-                    None, None, None)
+            return (gr.Markdown(EMPTY_HEADLINE, elem_classes=["tone-none"]), EMPTY_EVIDENCE, EMPTY_VERDICT,
+                    gr.Plot(None, visible=False), None, None, None, None, None)
         try:
             path = uploaded_path(upload)
         except ValueError as err:
             gr.Warning(str(err))
             return (gr.Markdown(f"Could not analyse this image: {err}", elem_classes=["tone-error"]), EMPTY_EVIDENCE,
-                    f"**Could not analyse this image:** {err}", None, None, None, None, None)
+                    f"**Could not analyse this image:** {err}", gr.Plot(None, visible=False), None, None, None, None,
+                    None)
         pending = reader.start(path)  # read while the image is decoded and the detectors run
-        answer = charts = why = error = None
+        answer = charts = why = error = domain = None
         try:
             image = read_image(path)
             answer, explained = pool.analyse_and_explain(image, num_samples, names)
             charts = single_image_charts(list(answer["detectors"].values()))
+            domain = domain_chart(list(answer["detectors"].values()))
             why = explanation_chart(image, list(explained["detectors"].values()))
         except ValueError as err:
             gr.Warning(str(err))
@@ -395,10 +494,12 @@ def build_demo(model_ids: list[str], reader: provenance.EvidenceReader | None = 
         text, tone = provenance.headline(found, answer, error)
         headline = gr.Markdown(text, elem_classes=[f"tone-{tone}"])
         if answer is None:
-            return (headline, provenance.panel(found), f"**Could not analyse this image:** {error}", None, None, None,
-                    None, {"error": error, "evidence": found})
+            return (headline, provenance.panel(found), f"**Could not analyse this image:** {error}",
+                    gr.Plot(None, visible=False), None, None, None, None, {"error": error, "evidence": found})
         answer["evidence"] = found
-        return headline, provenance.panel(found), verdict_markdown(answer), *charts, why, answer
+        # the domain chart only where a selected detector has a domain gate
+        return (headline, provenance.panel(found), verdict_markdown(answer),
+                gr.Plot(domain, visible=domain is not None), *charts, why, answer)
 
     def analyse_batch_page(paths, names, num_samples):
         try:
@@ -413,15 +514,18 @@ def build_demo(model_ids: list[str], reader: provenance.EvidenceReader | None = 
             f"; {failed} could not be read (see the error column)" if failed else "") + (
             f"; {strong} carr{'ies' if strong == 1 else 'y'} strong provenance evidence in the file itself" if strong
             else "; no file carries strong provenance evidence (which does not mean the images are real)")
-        status += ".\n\n**What each file itself says:**\n" + "\n".join(
-            f"- `{a['image']['name'] if 'image' in a else a['file']}`: {a['evidence']['summary']}" for a in answers)
+        status += ".\n\n**Each file's answer, then what the file itself says:**\n" + "\n".join(
+            f"- `{a['image']['name'] if 'image' in a else a['file']}`: "
+            f"{a['headline']['explanation'] + ' ' if 'headline' in a else ''}{a['evidence']['summary']}"
+            for a in answers)
         charts = batch_charts(answers, names) if failed < len(answers) else (None, None)
-        return status, table[PAGE_TABLE_COLUMNS], write_batch_csv(table), *charts
+        return status, page_table(table), write_batch_csv(table), *charts
 
     # delete_cache: every hour, drop uploads and result files older than a day (a Space runs for weeks).
     with SpaceBlocks(title="BayesFake: AI-generated image detection with uncertainty",
                      delete_cache=(3600, 86400)) as demo:
         gr.Markdown(INTRO)
+        gr.Markdown(scope_markdown(pool), elem_id="scope")
         gr.Markdown(load_failures_markdown(pool.failed), elem_id="load-errors", visible=bool(pool.failed))
         with gr.Row():
             chosen = gr.CheckboxGroup(pool.names, value=pool.names, label="Detectors to run", elem_id="detectors")
@@ -443,25 +547,34 @@ def build_demo(model_ids: list[str], reader: provenance.EvidenceReader | None = 
                 with gr.Column(scale=3):
                     headline = gr.Markdown(EMPTY_HEADLINE, elem_id="headline", elem_classes=["tone-none"])
                     evidence_panel = gr.Markdown(EMPTY_EVIDENCE, elem_id="evidence-panel")
-                    verdict = gr.Markdown(EMPTY_VERDICT, elem_id="verdict")
-                    p_fake_plot = gr.Plot(label="P(FAKE) per detector", elem_id="p-fake-plot")
-                    uncertainty_plot = gr.Plot(label="Uncertainty per detector", elem_id="uncertainty-plot")
-                    samples_plot = gr.Plot(label="Sampled P(FAKE)", elem_id="samples-plot")
-                    explanation_plot = gr.Plot(label="Why: saliency map and the features that weigh most",
-                                               elem_id="explanation-plot")
+                    # The answer first; each detector's numbers and charts folded below it, for whoever wants them.
+                    # The charts' labels are hidden (show_label=False): each figure has its own title, and gradio's
+                    # label box would cover it.
+                    with gr.Accordion("Each detector in detail: numbers, uncertainty, charts", open=False,
+                                      elem_id="details"):
+                        verdict = gr.Markdown(EMPTY_VERDICT, elem_id="verdict")
+                        domain_plot = gr.Plot(label="Domain check per detector", show_label=False,
+                                              elem_id="domain-plot", visible=False)
+                        p_fake_plot = gr.Plot(label="P(FAKE) per detector", show_label=False, elem_id="p-fake-plot")
+                        uncertainty_plot = gr.Plot(label="Uncertainty per detector", show_label=False,
+                                                   elem_id="uncertainty-plot")
+                        samples_plot = gr.Plot(label="Sampled P(FAKE)", show_label=False, elem_id="samples-plot")
+                        explanation_plot = gr.Plot(label="Why: saliency map and the features that weigh most",
+                                                   show_label=False, elem_id="explanation-plot")
                     with gr.Accordion("Raw answer (what /predict returns)", open=False):
                         raw = gr.JSON(elem_id="raw-answer")
         with gr.Tab("Batch"):
             files = gr.File(file_count="multiple", file_types=["image"], label="Images", elem_id="batch-input")
             run_batch = gr.Button("Analyse all", variant="primary", elem_id="run-batch")
             batch_status = gr.Markdown(elem_id="batch-status")
-            table = gr.Dataframe(headers=PAGE_TABLE_COLUMNS, column_widths=PAGE_TABLE_WIDTHS, interactive=False,
+            table = gr.Dataframe(headers=PAGE_TABLE_HEADERS, column_widths=PAGE_TABLE_WIDTHS, interactive=False,
                                  wrap=True,
                                  label="Results (entropies in nats; evidence: what each file itself says)",
                                  elem_id="batch-table")
             csv = gr.File(label="Download the table (CSV)", elem_id="batch-csv")
-            batch_p_fake_plot = gr.Plot(label="P(FAKE) per image", elem_id="batch-p-fake-plot")
-            batch_epistemic_plot = gr.Plot(label="Epistemic uncertainty per image", elem_id="batch-epistemic-plot")
+            batch_p_fake_plot = gr.Plot(label="P(FAKE) per image", show_label=False, elem_id="batch-p-fake-plot")
+            batch_epistemic_plot = gr.Plot(label="Epistemic uncertainty per image", show_label=False,
+                                           elem_id="batch-epistemic-plot")
         with gr.Tab("Detectors"):
             gr.Markdown(detectors_markdown(pool), elem_id="detector-table")
         with gr.Tab("API"):
@@ -470,7 +583,8 @@ def build_demo(model_ids: list[str], reader: provenance.EvidenceReader | None = 
         image.change(show_preview, image, preview, preprocess=False, show_progress="hidden", api_visibility="private",
                      trigger_mode="always_last")
         gr.on([image.change, run.click], analyse_page, [image, chosen, num_samples],
-              [headline, evidence_panel, verdict, p_fake_plot, uncertainty_plot, samples_plot, explanation_plot, raw],
+              [headline, evidence_panel, verdict, domain_plot, p_fake_plot, uncertainty_plot, samples_plot,
+               explanation_plot, raw],
               preprocess=False, api_visibility="private", trigger_mode="always_last")
         run_batch.click(analyse_batch_page, [files, chosen, num_samples],
                         [batch_status, table, csv, batch_p_fake_plot, batch_epistemic_plot], api_visibility="private")

@@ -1,7 +1,6 @@
 """The Space's figures (matplotlib, object API: no pyplot state shared between request threads)."""
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import matplotlib
 
@@ -12,10 +11,11 @@ from matplotlib.figure import Figure  # noqa: E402
 from PIL import Image  # noqa: E402
 
 if __package__:
-    from .detectors import InputImage
+    from .detectors import InputImage, short_label
 else:  # run as the Space's own folder (python app.py)
-    from detectors import InputImage
+    from detectors import InputImage, short_label
 
+__all__ = ["batch_charts", "domain_chart", "explanation_chart", "short_label", "single_image_charts"]
 
 
 @dataclass
@@ -26,11 +26,6 @@ class BarSeries:
     values: list[float]
     errors: list[float] | None = None
     ticks: list[float] | None = None  # e.g. each detector's decision threshold, drawn across its bar
-
-
-def short_label(name: str) -> str:
-    """Chart label for a detector: the last part of its repo id or folder path."""
-    return Path(name.rstrip("/")).name or name
 
 
 def grouped_bar_chart(title: str, ylabel: str, categories: list[str], series: list[BarSeries],
@@ -76,6 +71,19 @@ def single_image_charts(results: list[dict]) -> tuple[Figure, Figure, Figure]:
          BarSeries("epistemic (mutual information)", [r["mutual_information"] for r in results]),
          BarSeries("aleatoric (expected entropy)", [r["expected_entropy"] for r in results])])
     return p_fake, uncertainty, samples_chart(results)
+
+
+def domain_chart(results: list[dict]) -> Figure | None:
+    """Each gated detector's domain score against its limit (dashed): a bar above its line is outside what the
+    detector was trained on. None when no detector has a domain gate."""
+    gated = [r for r in results if r.get("domain_score") is not None]
+    if not gated:
+        return None
+    return grouped_bar_chart(
+        "Domain check (dashed: each detector's limit; above it, no verdict)", "distance to the training data",
+        [short_label(r["detector"]) for r in gated],
+        [BarSeries("domain score", [r["domain_score"] for r in gated], ticks=[r["domain_threshold"] for r in gated])],
+        ylim=(0, max(max(r["domain_score"], r["domain_threshold"]) for r in gated) * 1.3))
 
 
 def samples_chart(results: list[dict]) -> Figure:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from hub_models.headline import headline
 from hub_models.hub import load_detector
 from hub_models.image_processing_bayesfake import DEFAULT_MAX_PIXELS, load_image, to_rgb
 
@@ -193,6 +194,17 @@ def domain_warnings(image: InputImage, config) -> list[str]:
 # Detectors
 
 
+def short_label(name: str) -> str:
+    """A detector's name in sentences and charts: the last part of its repo id or folder path."""
+    return Path(name.rstrip("/")).name or name
+
+
+def combined_headline(results: dict[str, dict]) -> dict:
+    """The one answer over the detectors that ran (``hub_models.headline``): verdict, answered, abstained, outside
+    (full names, as the answer's keys) and a one-sentence explanation (short names)."""
+    return headline({name: r["verdict"] for name, r in results.items()}, label=short_label).to_dict()
+
+
 @dataclass
 class Detector:
     name: str
@@ -207,18 +219,25 @@ class Detector:
         """Monte Carlo predictive for one image, as plain JSON numbers."""
         return self.answer(image, on_inference_thread(self._forward, image, num_samples), num_samples)
 
+    def inputs(self, image: InputImage) -> dict:
+        """What the processor makes of the image: ``pixel_values``, and ``domain_pixel_values`` for a detector whose
+        domain gate has its own extractor (without them the gate judges the small thumbnail, and is much weaker)."""
+        return dict(self.processor(image.rgb, return_tensors="pt"))
+
     def _forward(self, image: InputImage, num_samples: int):
-        pixel_values = self.processor(image.rgb, return_tensors="pt")["pixel_values"]
         with torch.inference_mode():
-            return self.model(pixel_values, num_samples=num_samples, seed=SEED)
+            return self.model(**self.inputs(image), num_samples=num_samples, seed=SEED)
 
     def _explain(self, image: InputImage, num_samples: int) -> tuple:
-        pixel_values = self.processor(image.rgb, return_tensors="pt")["pixel_values"]
-        out = self.model.explain(pixel_values, num_samples=num_samples, seed=SEED)
+        # explain's output is the predictive it differentiated, with the domain gate's judgement (fed the same
+        # domain_pixel_values as forward, so the page and /predict agree); only a gated detector's processor makes them
+        out = self.model.explain(**self.inputs(image), num_samples=num_samples, seed=SEED)
         return out["output"], self.explanation(out, num_samples)
 
     def answer(self, image: InputImage, out, num_samples: int) -> dict:
-        """The ``/predict`` answer for one image from the detector's ``BayesFakeOutput``."""
+        """The ``/predict`` answer for one image from the detector's ``BayesFakeOutput``. ``in_domain`` and
+        ``domain_score`` come from its domain gate (None for a detector without one: it judges every image)."""
+        in_domain, score = out.get("in_domain"), out.get("domain_score")
         return {
             "detector": self.name,
             "verdict": self.model.verdicts(out)[0],
@@ -236,6 +255,11 @@ class Detector:
             "image_size": self.config.image_size,
             "training_image_size": self.config.training_image_size,  # what the size warning compares with
             "warnings": domain_warnings(image, self.config),
+            "in_domain": None if in_domain is None else bool(in_domain[0]),
+            "domain_score": None if score is None else score[0].item(),
+            "domain_threshold": self.config.domain_threshold if self.model.domain_gate is not None else None,
+            "stochastic": bool(self.config.stochastic),  # False: one deterministic pass, no sampling spread
+            "training_data": list(self.config.training_data),
         }
 
     def predict_and_explain(self, image: InputImage, num_samples: int) -> tuple[dict, dict]:
@@ -313,8 +337,8 @@ class DetectorPool:
         """What ``/predict`` answers for one decoded image."""
         detectors = self.select(names)
         num_samples = checked_num_samples(num_samples)
-        return {"image": image.describe(),
-                "detectors": {d.name: d.predict(image, num_samples) for d in detectors}}
+        results = {d.name: d.predict(image, num_samples) for d in detectors}
+        return {"image": image.describe(), "headline": combined_headline(results), "detectors": results}
 
     def explain(self, image: InputImage, num_samples, names: Names = None) -> dict:
         """What ``/explain`` answers for one decoded image."""
@@ -328,7 +352,8 @@ class DetectorPool:
         for d in detectors:
             answers[d.name], explanations[d.name] = d.predict_and_explain(image, num_samples)
         described = image.describe()
-        return {"image": described, "detectors": answers}, {"image": described, "detectors": explanations}
+        return ({"image": described, "headline": combined_headline(answers), "detectors": answers},
+                {"image": described, "detectors": explanations})
 
     def analyse_files(self, paths: list[str], num_samples, names: Names = None) -> list[dict]:
         """One answer per file; a file that cannot be read gives ``{"file", "error"}`` and the others still run."""

@@ -17,7 +17,6 @@ missing credential into evidence that an image is real.
 
 import logging
 import os
-from collections import Counter
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -26,9 +25,9 @@ from pathlib import Path
 import evidence
 
 if __package__:
-    from .detectors import DetectorPool, Names, checked_num_samples, read_image
+    from .detectors import DetectorPool, Names, checked_num_samples, combined_headline, read_image
 else:  # run as the Space's own folder (python app.py)
-    from detectors import DetectorPool, Names, checked_num_samples, read_image
+    from detectors import DetectorPool, Names, checked_num_samples, combined_headline, read_image
 
 log = logging.getLogger("bayesfake.space")
 
@@ -53,7 +52,6 @@ KIND_WORDS = {
 }
 SAYS_WORDS = {"ai-generated": "made by AI", "ai-edited": "edited with AI", "camera": "camera capture",
               "none": "no claim"}
-VERDICT_WORDS = {"uncertain: needs human review": "uncertain"}  # short forms inside a list of counts
 
 
 def unread(message: str) -> dict:
@@ -173,22 +171,29 @@ def reason(finding: dict) -> str:
 
 
 def detectors_phrase(answer: dict) -> tuple[str, str]:
-    """What the detectors say together, and a caveat: ("likely real (both agree)" or "no agreement (1 likely
-    AI-generated, 1 uncertain)", "" or the note that the image is far from their training data)."""
-    results = list(answer["detectors"].values())
+    """What the detectors say together, and a caveat: (the combined headline's one sentence, e.g. "Likely real: both
+    detectors that answered agree (a and b); c was unsure.", and "" or the note that the image is far from the
+    training data of detectors that judged it anyway). The sentence comes from ``hub_models.headline`` (the rule:
+    detectors outside their domain do not count; any disagreement between those that answered is "uncertain")."""
+    results = answer["detectors"]
     if not results:
-        return "none ran", ""
-    n = len(results)
-    counts = Counter(r["verdict"] for r in results)
-    if len(counts) == 1:
-        phrase = results[0]["verdict"] + ("" if n == 1 else " (both agree)" if n == 2 else f" (all {n} agree)")
-    else:
-        phrase = "no agreement (" + ", ".join(f"{c} {VERDICT_WORDS.get(v, v)}" for v, c in counts.most_common()) + ")"
-    far = sum(bool(r["warnings"]) for r in results)
-    whose = "the detectors'" if far == n else f"{far} of the {n} detectors'"
+        return "No detector ran.", ""
+    combined = answer.get("headline") or combined_headline(results)
+    # The size / mode / crop warnings matter for the detectors that judged the image; one whose gate refused it has
+    # already said that it cannot judge it.
+    judged = [r for name, r in results.items() if name not in combined["outside"]]
+    far = sum(bool(r["warnings"]) for r in judged)
+    whose = "the detectors'" if far == len(judged) else f"{far} of the {len(judged)} detectors'"
     them = "them" if far > 1 else "it"
     caveat = f"This image is far from {whose} training data, so trust {them} less." if far else ""
-    return phrase, caveat
+    return combined["explanation"], caveat
+
+
+def bold_verdict(sentence: str) -> str:
+    """The detectors' sentence as the headline's first line: its verdict ("Likely real:") in bold, the reasons in
+    plain weight, so that the answer stands out of a long sentence."""
+    verdict, sep, rest = sentence.partition(": ")
+    return f"**{verdict}:** {rest}" if sep else sentence
 
 
 def headline(found: dict | None, answer: dict | None = None, error: str | None = None) -> tuple[str, str]:
@@ -212,7 +217,7 @@ def headline(found: dict | None, answer: dict | None = None, error: str | None =
             what = "made by an AI generator" if lead["says"] == "ai-generated" else "edited with generative AI"
             first = f"The file itself says it was {what} ({reason(lead)}{f'; {more}' if more else ''})."
             tone = "ai"
-        second = (f"Pixel detectors, a separate and weaker signal: {phrase}." if phrase is not None
+        second = (f"Pixel detectors, a separate and weaker signal. {phrase}" if phrase is not None
                   else f"The pixel detectors could not analyse the image: {error}")
         # the file's other findings disagree with the lead (a weak label says otherwise): say so, in the reader's words
         paragraphs = [first, second, caveat] + ([found["summary"]] if found["says"] != lead["says"] else [])
@@ -220,7 +225,7 @@ def headline(found: dict | None, answer: dict | None = None, error: str | None =
         nothing = found["says"] == "none" and not found["findings"] and found.get("checked")
         file_says = NO_EVIDENCE if nothing else found["summary"]
         if phrase is not None:
-            paragraphs = [f"Pixel detectors: {phrase}.", file_says,
+            paragraphs = [bold_verdict(phrase), file_says,
                           "The detectors' verdicts are a screening guess from the pixels, not proof. " + caveat]
             tone = "none"
         else:

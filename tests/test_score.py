@@ -3,6 +3,7 @@ processes. Everything runs on a handful of images made here, with the released 3
 
 import hashlib
 import io
+import json
 import os
 import shutil
 import socket
@@ -24,6 +25,7 @@ from hub_models.hub import load_detector
 DETECTOR = "bayesfake/cifake-mcdropout-cnn"
 COLUMN = "cifake-mcdropout-cnn"
 T = 4
+EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "space" / "examples"
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", "OMP_NUM_THREADS": "1"}
 
 
@@ -96,38 +98,126 @@ def test_folder_rows_are_keyed_hashed_and_equal_the_model(folder, tmp_path, dete
             assert "not a readable image" in row["error"] and row[f"{COLUMN}/p_fake"] is None
             continue
         assert row["error"] is None
-        with torch.no_grad():  # the model's own answer, alone, with its default seed
-            out_ = model(processor(data, return_tensors="pt")["pixel_values"], num_samples=T)
+        with torch.no_grad():  # the model's own answer, alone, with its default seed, fed all its processor makes
+            out_ = model(**processor(data, return_tensors="pt"), num_samples=T)
         assert row[f"{COLUMN}/p_fake"] == pytest.approx(out_.probs[0, 1].item(), abs=1e-5)
         assert row[f"{COLUMN}/std"] == pytest.approx(out_.std[0, 1].item(), abs=1e-5)
         for name in ("predictive_entropy", "mutual_information", "expected_entropy"):
             assert row[f"{COLUMN}/{name}"] == pytest.approx(getattr(out_, name)[0].item(), abs=1e-5)
         assert row[f"{COLUMN}/verdict"] == model.verdicts(out_)[0]
         assert row[f"{COLUMN}/num_samples"] == T
-    # No in_domain / domain_score columns unless the model's output has them.
-    assert not any(name.endswith(("/in_domain", "/domain_score")) for name in rows[0])
+        # The domain check as the model gives it: null for a release without a gate (the columns are always there).
+        if out_.in_domain is None:
+            assert row[f"{COLUMN}/in_domain"] is None and row[f"{COLUMN}/domain_score"] is None
+        else:
+            assert row[f"{COLUMN}/in_domain"] is bool(out_.in_domain[0])
+            assert row[f"{COLUMN}/domain_score"] == pytest.approx(out_.domain_score[0].item(), rel=1e-5)
+        verdict = row[f"{COLUMN}/verdict"]
+        assert row["headline"] == verdict  # one detector: its verdict is the answer
+        assert row["headline_answered"] == ([COLUMN] if verdict in ("likely AI-generated", "likely real") else [])
+        assert row["headline_abstained"] == ([COLUMN] if verdict == "uncertain: needs human review" else [])
+        assert row["headline_outside"] == ([COLUMN] if verdict.startswith("outside") else [])
+    broken = next(r for r in rows if r["key"] == "broken.jpg")
+    assert broken["headline"] is None and broken["headline_answered"] is None  # nothing scored, no answer
 
 
-def test_optional_output_fields_become_columns_when_present(folder, tmp_path, monkeypatch):
-    """Fields another release may add to the output (in_domain, domain_score) are written when the model has them."""
-    real_call = torch.nn.Module.__call__
+@pytest.fixture(scope="module")
+def gated(tmp_path_factory):
+    """Two tiny detectors with fitted domain gates (own features; own extractor fed domain_pixel_values)."""
+    from test_space_app import export_gated_detectors
 
-    def with_domain(self, *args, **kwargs):
-        out = real_call(self, *args, **kwargs)
-        if type(self).__name__ == "BayesFakeDetector":
-            b = out.probs.shape[0]
-            out["in_domain"] = torch.arange(b) % 2 == 0
-            out["domain_score"] = torch.linspace(0, 1, b)
-        return out
+    return export_gated_detectors(tmp_path_factory.mktemp("gated"))
 
-    monkeypatch.setattr(torch.nn.Module, "__call__", with_domain)
-    out = tmp_path / "r.parquet"
-    run(folder[0], out, evidence=False, batch_size=8)
+
+def gated_folder(root: Path) -> Path:
+    """The CIFAKE examples (in the gates' domain: they were fitted on them) and two larger pictures."""
+    from test_space_app import EXAMPLES
+
+    root.mkdir()
+    for path in sorted(EXAMPLES.glob("*")):
+        if path.suffix in (".jpg", ".png"):
+            shutil.copy(path, root / path.name)
+    return root
+
+
+def test_gated_detectors_write_their_domain_check_and_the_headline(gated, tmp_path):
+    from hub_models.headline import headline
+
+    root = gated_folder(tmp_path / "images")
+    out = tmp_path / "gated.parquet"
+    run(root, out, detectors=gated, evidence=False, batch_size=3)
     rows = rows_of(out)
-    scored = [r for r in rows if r["error"] is None]
-    assert [r[f"{COLUMN}/in_domain"] for r in scored] == [True, False, True, False, True]
-    assert scored[-1][f"{COLUMN}/domain_score"] == pytest.approx(1.0)
-    assert "evidence_says" not in rows[0]  # --no-evidence
+    names = [Path(g).name for g in gated]
+    assert len(rows) == 8 and all(r["error"] is None for r in rows)
+    for folder, name in zip(gated, names):
+        model, processor = load_detector(folder)
+        for row in rows:
+            inputs = processor((root / row["key"]).read_bytes(), return_tensors="pt")
+            with torch.no_grad():
+                out_ = model(**inputs, num_samples=T)
+            assert row[f"{name}/domain_score"] == pytest.approx(out_.domain_score[0].item(), rel=1e-5)
+            assert row[f"{name}/in_domain"] is bool(out_.in_domain[0])
+            assert row[f"{name}/verdict"] == model.verdicts(out_)[0]
+            if row["key"].startswith("cifake_"):
+                assert row[f"{name}/in_domain"] is True
+    for row in rows:
+        combined = headline({name: row[f"{name}/verdict"] for name in names})
+        assert (row["headline"], row["headline_answered"], row["headline_abstained"], row["headline_outside"]) == (
+            combined.verdict, combined.answered, combined.abstained, combined.outside)
+    # the extractor's gate was fed the processor's domain_pixel_values: a 640x480 picture scored from its thumbnail
+    # alone would get another distance
+    model, processor = load_detector(gated[1])
+    inputs = processor((root / "synthetic_landscape_640x480.jpg").read_bytes(), return_tensors="pt")
+    with torch.no_grad():
+        thumbnail_only = model(inputs["pixel_values"], num_samples=T).domain_score[0].item()
+    written = next(r for r in rows if r["key"] == "synthetic_landscape_640x480.jpg")[f"{names[1]}/domain_score"]
+    assert abs(written - thumbnail_only) > 1e-3 * written
+
+
+def test_rows_of_an_older_run_without_the_domain_and_headline_columns_are_kept(gated, tmp_path, caplog):
+    """An OUT written before the domain and headline columns existed (and before the settings named the releases):
+    a resume keeps its rows, leaves their domain columns null (not measured) and computes their headline from their
+    verdicts; the new rows get everything."""
+    root = gated_folder(tmp_path / "images")
+    reference = tmp_path / "reference.parquet"
+    run(root, reference, detectors=gated, evidence=False)
+    (root / "synthetic_still_life_1024x768_rgba.png").unlink()  # the older run had one image fewer
+    out = tmp_path / "old.parquet"
+    run(root, out, detectors=gated, evidence=False)
+    table = pq.read_table(out)
+    settings = json.loads(table.schema.metadata[score_mod.SETTINGS_KEY])
+    del settings["versions"]
+    old = table.drop_columns([n for n in table.column_names if n.endswith(score_mod.ADDED_COLUMNS)])
+    pq.write_table(old.replace_schema_metadata({score_mod.SETTINGS_KEY: json.dumps(settings).encode()}), out)
+    shutil.copy(EXAMPLES_DIR / "synthetic_still_life_1024x768_rgba.png", root)
+    with caplog.at_level("WARNING", logger=score_mod.__name__):
+        summary = run(root, out, detectors=gated, evidence=False)
+    assert summary["scored"] == 1 and summary["skipped"] == 7
+    assert "7 rows written by an older bayesfake score lack" in caplog.text
+    assert "do not record which release" in caplog.text
+    rows, expected = rows_of(out), rows_of(reference)
+    assert list(rows[0]) == list(expected[0])  # every column, in the order of a fresh run
+    for row, want in zip(rows, expected):
+        new = row["key"] == "synthetic_still_life_1024x768_rgba.png"
+        for name, value in want.items():
+            if name.endswith(("/in_domain", "/domain_score")) and not new:
+                assert row[name] is None, (row["key"], name)  # not measured by the older run
+            elif isinstance(value, float):
+                assert row[name] == pytest.approx(value, abs=1e-5), (row["key"], name)
+            else:
+                assert row[name] == value, (row["key"], name)  # the headline too, from the same verdicts
+    # An older OUT with nothing new to score is rewritten with the columns too.
+    pq.write_table(old.replace_schema_metadata({score_mod.SETTINGS_KEY: json.dumps(settings).encode()}), out)
+    (root / "synthetic_still_life_1024x768_rgba.png").unlink()
+    assert run(root, out, detectors=gated, evidence=False)["scored"] == 0
+    assert list(rows_of(out)[0]) == list(expected[0])
+    # Rows of another release of a detector would mix two models: refused.
+    table = pq.read_table(out)
+    settings = json.loads(table.schema.metadata[score_mod.SETTINGS_KEY])
+    settings["versions"][Path(gated[0]).name] = "0.0.1"
+    pq.write_table(table.replace_schema_metadata({score_mod.SETTINGS_KEY: json.dumps(settings).encode()}), out)
+    with pytest.raises(ValueError, match="other settings"):
+        run(root, out, detectors=gated, evidence=False)
 
 
 @pytest.fixture

@@ -27,9 +27,10 @@ from PIL import Image  # noqa: E402
 
 from hub_models import BayesFakeConfig, BayesFakeDetector  # noqa: E402
 from hub_models.export import export_detector  # noqa: E402
+from hub_models.headline import headline  # noqa: E402
 from hub_models.hub import load_detector  # noqa: E402
 from hub_models.image_processing_bayesfake import load_image  # noqa: E402
-from space import app, detectors, provenance  # noqa: E402
+from space import app, charts, detectors, provenance  # noqa: E402
 
 # The evidence package's own test files: generator parameters, EXIF, a C2PA credential signed by a throwaway CA.
 from test_evidence import A1111, c2pa_signing, photo, png_bytes  # noqa: E402, F401 - c2pa_signing is a fixture
@@ -43,8 +44,11 @@ BOGUS_ID = "bayesfake/no-such-detector"
 TINY_DOMAIN = "CIFAKE (tiny untrained test detector)"
 RESULT_FIELDS = {"probs", "std", "predictive_entropy", "mutual_information", "expected_entropy", "verdict",
                  "threshold", "num_samples", "sample_p_fake", "training_domain", "warnings", "seed",
-                 "image_size", "training_image_size"}
+                 "image_size", "training_image_size", "in_domain", "domain_score", "domain_threshold", "stochastic",
+                 "training_data"}
+HEADLINE_FIELDS = {"verdict", "answered", "abstained", "outside", "explanation"}
 VERDICTS = {"likely AI-generated", "likely real", "uncertain: needs human review"}
+OUTSIDE = "outside what this detector was trained on: no verdict"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -58,6 +62,50 @@ def export_tiny_detectors(folder: Path) -> list[str]:
         torch.manual_seed(0)
         config = BayesFakeConfig(cnn_widths=[4, 8, 8], head_hidden=[8], head=head, training_domain=TINY_DOMAIN)
         paths.append(str(export_detector(BayesFakeDetector(config), folder / f"tiny-{head}")))
+    return paths
+
+
+def training_images() -> tuple[np.ndarray, np.ndarray]:
+    """What the tiny gated detectors' domain gates are fitted on: the six 32 px CIFAKE examples, each also flipped,
+    shifted and lightly noised (48 images), labelled REAL (0) and FAKE (1). The examples themselves are in the set, so
+    they fall under the threshold chosen on it."""
+    rng = np.random.default_rng(0)
+    images, labels = [], []
+    for path in sorted(EXAMPLES.glob("cifake_*.jpg")):
+        base = np.asarray(Image.open(path).convert("RGB"))
+        variants = [base, base[:, ::-1], np.roll(base, 2, axis=0), np.roll(base, -2, axis=1)]
+        variants += [np.clip(v.astype(int) + rng.integers(-8, 9, v.shape), 0, 255).astype(np.uint8)
+                     for v in variants]
+        images += variants
+        labels += [int(path.name.startswith("cifake_fake"))] * len(variants)
+    return np.stack(images), np.array(labels)
+
+
+def export_gated_detectors(folder: Path) -> list[str]:
+    """Two tiny detectors with fitted domain gates: an MC-Dropout one whose gate reads its own backbone features, and
+    a variational one whose gate has its own frozen extractor (timm's tiny ``test_efficientnet``, fed 64 px
+    ``domain_pixel_values``). The threshold lets every image of ``training_images`` through (chosen on them)."""
+    import timm
+    from safetensors.torch import save_file
+
+    from train.domain import attach_domain_gate, choose_domain_threshold, fit_domain_gate
+
+    images, labels = training_images()
+    paths = []
+    for head, gate in (("mc_dropout", "features"), ("variational", "test_efficientnet")):
+        torch.manual_seed(0)
+        config = BayesFakeConfig(cnn_widths=[4, 8, 8], head_hidden=[8], head=head, training_domain=TINY_DOMAIN,
+                                 training_data=["cifake"], domain_gate=gate if gate == "features" else None)
+        model = BayesFakeDetector(config).eval()
+        if gate != "features":
+            weights = folder / f"{gate}.safetensors"
+            save_file(timm.create_model(gate, pretrained=False, num_classes=0).state_dict(), str(weights))
+            attach_domain_gate(model, gate, str(weights), image_size=64)
+        fit_domain_gate(model, images, labels, progress=False)
+        # 1% above the largest distance of the fitted images, so that float noise between the batched fit and a
+        # one-image request never puts one of them outside
+        model.config.domain_threshold = choose_domain_threshold(model, images, progress=False) * 1.01
+        paths.append(str(export_detector(model, folder / f"tiny-gated-{head}")))
     return paths
 
 
@@ -287,8 +335,14 @@ def test_predict_returns_every_field_per_detector(client, detector_dirs):
     assert answer["image"] == {"name": FAKE_EXAMPLE.name, "width": 32, "height": 32, "mode": "RGB", "format": "JPEG",
                                "frames": 1}
     assert list(answer["detectors"]) == detector_dirs
+    assert set(answer["headline"]) == HEADLINE_FIELDS
+    assert answer["headline"] == headline({name: r["verdict"] for name, r in answer["detectors"].items()},
+                                          label=detectors.short_label).to_dict()
     for result in answer["detectors"].values():
         assert RESULT_FIELDS <= set(result)
+        # no domain gate: nothing to report, and the detector judges every image
+        assert result["in_domain"] is None and result["domain_score"] is None and result["domain_threshold"] is None
+        assert result["stochastic"] is True and result["training_data"] == []
         assert result["num_samples"] == 12 and len(result["sample_p_fake"]) == 12
         assert result["probs"]["REAL"] + result["probs"]["FAKE"] == pytest.approx(1, abs=1e-5)
         assert result["probs"]["FAKE"] == pytest.approx(np.mean(result["sample_p_fake"]), abs=1e-5)
@@ -366,6 +420,137 @@ def test_batch_size_is_limited(detector_dirs):
     pool = detectors.DetectorPool.load(detector_dirs[:1])
     with pytest.raises(ValueError, match=f"at most {detectors.MAX_BATCH_IMAGES}"):
         pool.analyse_files([str(REAL_EXAMPLE)] * (detectors.MAX_BATCH_IMAGES + 1), 4)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Detectors with a domain gate, and the one answer over several detectors
+
+
+@pytest.fixture(scope="module")
+def gated_dirs(tmp_path_factory):
+    return export_gated_detectors(tmp_path_factory.mktemp("gated"))
+
+
+@pytest.fixture(scope="module")
+def gated_client(gated_dirs, detector_dirs):
+    """The two gated detectors beside an ungated one, served."""
+    demo, url = launch_space([*gated_dirs, detector_dirs[0]])
+    yield Client(url, verbose=False)
+    demo.close()
+
+
+def raw_output(folder: str, path: Path, num_samples: int = 8):
+    """The model's own answer for the file, fed everything its processor makes (domain_pixel_values included)."""
+    model, processor = load_detector(folder)
+    inputs = processor(load_image(str(path)), return_tensors="pt")
+    with torch.no_grad():
+        return model, inputs, model(**inputs, num_samples=num_samples, seed=detectors.SEED)
+
+
+def test_gated_detectors_report_the_models_own_domain_check(gated_client, gated_dirs, detector_dirs):
+    landscape = EXAMPLES / "synthetic_landscape_640x480.jpg"
+    for path in (FAKE_EXAMPLE, REAL_EXAMPLE, landscape):
+        answer = predict(gated_client, path)
+        for folder in gated_dirs:
+            model, _, out = raw_output(folder, path)
+            r = answer["detectors"][folder]
+            assert r["domain_score"] == pytest.approx(out.domain_score[0].item(), rel=1e-5)
+            assert r["domain_threshold"] == model.config.domain_threshold
+            assert r["in_domain"] is bool(out.in_domain[0]) is (r["domain_score"] <= r["domain_threshold"])
+            assert r["verdict"] == model.verdicts(out)[0] and (r["verdict"] == OUTSIDE) is (not r["in_domain"])
+            assert r["training_data"] == ["cifake"]
+            if path != landscape:  # the images the gates were fitted on are in their domain
+                assert r["in_domain"] is True and r["verdict"] in VERDICTS
+        ungated = answer["detectors"][detector_dirs[0]]
+        assert ungated["in_domain"] is None and ungated["domain_score"] is None
+        assert answer["headline"] == headline({n: r["verdict"] for n, r in answer["detectors"].items()},
+                                              label=detectors.short_label).to_dict()
+    # The extractor gate judged the 640x480 picture from its own 64 px view of the original (the processor's
+    # domain_pixel_values), not from the 32 px thumbnail upsampled (what the model falls back to without them).
+    model, inputs, out = raw_output(gated_dirs[1], landscape)
+    assert set(inputs) == {"pixel_values", "domain_pixel_values"}
+    with torch.no_grad():
+        thumbnail_only = model(inputs["pixel_values"], num_samples=8, seed=detectors.SEED).domain_score[0].item()
+    served = predict(gated_client, landscape)["detectors"][gated_dirs[1]]["domain_score"]
+    assert served == pytest.approx(out.domain_score[0].item(), rel=1e-5)
+    assert abs(served - thumbnail_only) > 1e-3 * served
+
+
+def test_the_page_judges_the_domain_in_its_single_run_as_predict_does(gated_dirs):
+    """model.explain (the page's one run) does not run the gate; the page adds it, and gets /predict's answer."""
+    pool = detectors.DetectorPool.load(gated_dirs)
+    for path in (FAKE_EXAMPLE, EXAMPLES / "synthetic_landscape_640x480.jpg"):
+        image = detectors.read_image(str(path))
+        page, _ = pool.analyse_and_explain(image, 8)
+        served = pool.analyse(image, 8)
+        assert page["headline"] == served["headline"]
+        for name in gated_dirs:
+            assert page["detectors"][name]["verdict"] == served["detectors"][name]["verdict"]
+            assert page["detectors"][name]["in_domain"] is served["detectors"][name]["in_domain"]
+            assert page["detectors"][name]["domain_score"] == pytest.approx(
+                served["detectors"][name]["domain_score"], rel=1e-5)
+
+
+def test_the_headline_counts_only_detectors_in_their_domain(gated_dirs):
+    """Each branch on real gated detectors: a threshold below an image's score puts it outside that detector's domain
+    (the rule the release's threshold applies), and the page's answer, details and batch row follow."""
+    pool = detectors.DetectorPool.load(gated_dirs)
+    image = detectors.read_image(str(FAKE_EXAMPLE))
+    first, second = gated_dirs
+    both_in = pool.analyse(image, 8)
+    assert both_in["headline"]["outside"] == [] and sorted(
+        both_in["headline"]["answered"] + both_in["headline"]["abstained"]) == sorted(gated_dirs)
+    scores = {name: r["domain_score"] for name, r in both_in["detectors"].items()}
+    pool.detectors[first].model.config.domain_threshold = scores[first] / 2
+    one_out = pool.analyse(image, 8)
+    assert one_out["detectors"][first]["verdict"] == OUTSIDE and one_out["detectors"][first]["in_domain"] is False
+    assert one_out["headline"]["outside"] == [first]
+    assert one_out["headline"]["verdict"] == one_out["detectors"][second]["verdict"]  # the one left decides
+    nothing = {"findings": [], "summary": "", "errors": [], "says": "none", "strong": False, "checked": {"c2pa": "-"}}
+    text, _ = provenance.headline(nothing, one_out)
+    assert text.split("\n\n")[0] == provenance.bold_verdict(one_out["headline"]["explanation"])
+    assert "tiny-gated-mc_dropout cannot judge it (the image is outside what it was trained on)" in text
+    details = app.verdict_markdown(one_out)
+    assert (f"**the image is outside what it was trained on** (score {scores[first]:.3g}, limit "
+            f"{scores[first] / 2:.3g}; higher means less like its training data)") in details
+    assert "the image is like its training data (score" in details
+    pool.detectors[second].model.config.domain_threshold = scores[second] / 2
+    none_in = pool.analyse(image, 8)
+    assert none_in["headline"]["verdict"] == OUTSIDE and none_in["headline"]["outside"] == gated_dirs
+    assert none_in["headline"]["explanation"].startswith(
+        "No verdict: the image is outside what the selected detectors were trained on")
+    figure = charts.domain_chart(list(none_in["detectors"].values()))  # each score against its limit
+    [axes] = figure.axes
+    assert [bar.get_height() for bar in axes.patches] == pytest.approx([scores[first], scores[second]])
+    assert charts.domain_chart([{**r, "domain_score": None} for r in none_in["detectors"].values()]) is None
+    row = app.batch_table([{**none_in, "evidence": nothing}]).iloc[0]
+    assert row["in_domain"] is False and row["domain_score"] == round(scores[first], 4)
+    assert row["headline"] == OUTSIDE and row["headline_outside"] == "; ".join(gated_dirs)
+
+
+def test_the_page_says_what_the_detectors_know_and_explains_its_words(gated_dirs, detector_dirs, tmp_path):
+    torch.manual_seed(0)
+    plain = export_detector(BayesFakeDetector(BayesFakeConfig(
+        cnn_widths=[4, 8, 8], head="deterministic", training_domain=TINY_DOMAIN)), tmp_path / "tiny-deterministic")
+    pool = detectors.DetectorPool.load([*gated_dirs, detector_dirs[0], str(plain)])
+    scope = app.scope_markdown(pool)
+    assert scope.startswith(f"**What the detectors know.** All 4 detectors learned from {TINY_DOMAIN}.")
+    assert "cannot judge real photos at full size, or pictures from other generators" in scope
+    assert "tiny-mc_dropout and tiny-deterministic have no domain check and still answer them" in scope
+    table = app.detectors_markdown(pool)  # the Detectors tab
+    assert "| own features, limit " in table and "| test_efficientnet, limit " in table
+    assert table.count("| none (answers every image) |") == 2
+    answer, _ = pool.analyse_and_explain(detectors.read_image(str(REAL_EXAMPLE)), 8)
+    details = app.verdict_markdown(answer)
+    assert "nats: 0 is sure, 0.69 is a coin toss" in details
+    assert "the detector's own doubt: how much its samples disagree, the mutual information" in details
+    assert "ambiguity in the image itself" in details
+    deterministic = app.detector_markdown(answer["detectors"][str(plain)])
+    assert answer["detectors"][str(plain)]["stochastic"] is False
+    assert "no sampling spread (deterministic)" in deterministic and "±" not in deterministic
+    assert "none: this detector has no domain check" in deterministic
+    alone = detectors.DetectorPool.load([detector_dirs[0]])
+    assert "no detector here has a domain check yet, so it still answers such images" in app.scope_markdown(alone)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -470,7 +655,7 @@ def test_a_file_without_metadata_is_no_evidence_either_way(client, evidence_file
     answer = predict(client, evidence_files["plain.png"])
     assert answer["evidence"]["says"] == "none" and answer["evidence"]["findings"] == []
     text, tone = provenance.headline(answer["evidence"], answer)
-    assert tone == "none" and text.startswith("Pixel detectors: ")
+    assert tone == "none" and text.startswith(provenance.bold_verdict(answer["headline"]["explanation"]))
     assert "No provenance evidence in the file; this does not mean the image is real." in text
 
 
@@ -522,12 +707,12 @@ def test_evidence_refuses_what_every_endpoint_refuses(client):
         client.predict(str(FAKE_EXAMPLE), api_name="/evidence")  # a server path, not an upload
 
 
-def test_batch_table_and_csv_carry_the_evidence_columns(client, evidence_files):
+def test_batch_table_and_csv_carry_the_evidence_columns(client, evidence_files, detector_dirs):
     answers = client.predict([handle_file(str(evidence_files[name])) for name in ("a1111.png", "empty.png",
                                                                                    "camera.jpg")],
                              4, None, api_name="/predict_batch")
     table = app.batch_table(answers)
-    assert list(table.columns) == app.TABLE_COLUMNS and app.TABLE_COLUMNS[-3:] == [
+    assert list(table.columns) == app.TABLE_COLUMNS and app.TABLE_COLUMNS[11:14] == [
         "evidence", "evidence_strong", "evidence_summary"]
     by_file = {name: rows for name, rows in table.groupby("file")}
     assert set(by_file["a1111.png"]["evidence"]) == {"ai-generated"} and by_file["a1111.png"]["evidence_strong"].all()
@@ -535,8 +720,18 @@ def test_batch_table_and_csv_carry_the_evidence_columns(client, evidence_files):
     assert list(by_file["empty.png"]["evidence"]) == ["none"] and "empty" in by_file["empty.png"]["error"].iloc[0]
     assert set(by_file["camera.jpg"]["evidence"]) == {"camera"} and not by_file["camera.jpg"]["evidence_strong"].any()
     csv_text = Path(app.write_batch_csv(table)).read_text()
-    assert csv_text.splitlines()[0].endswith(",warnings,evidence,evidence_strong,evidence_summary")
+    # the columns of earlier releases keep their places; the domain check and the file's answer come after them
+    assert csv_text.splitlines()[0] == (
+        "file,detector,verdict,P(FAKE),std,epistemic,aleatoric,total,T,error,warnings,evidence,evidence_strong,"
+        "evidence_summary,in_domain,domain_score,headline,headline_answered,headline_abstained,headline_outside")
     assert "Strong evidence of AI generation" in csv_text
+    rows = by_file["a1111.png"]
+    assert set(rows["in_domain"]) == {""} and set(rows["domain_score"]) == {""}  # no gate: empty, not False
+    assert set(rows["headline"]) == {answers[0]["headline"]["verdict"]}
+    assert set(rows["headline_answered"]) == {"; ".join(answers[0]["headline"]["answered"])}
+    shown = app.page_table(table)  # the page: short detector names (the CSV keeps the full ones), readable headers
+    assert list(shown.columns) == app.PAGE_TABLE_HEADERS and "in domain" in shown.columns
+    assert set(shown["detector"]) - {""} == {detectors.short_label(name) for name in detector_dirs}
 
 
 def test_evidence_is_read_on_its_own_threads_beside_the_detectors(detector_dirs, evidence_files, monkeypatch):
@@ -614,13 +809,25 @@ def test_the_headline_never_counts_missing_evidence_as_real():
                "real.", "errors": [], "says": "none", "strong": False, "checked": {"c2pa": "no embedded C2PA store"}}
     text, tone = provenance.headline(nothing, result(["likely real", "likely real"]))
     first, second, third = text.split("\n\n")
-    assert tone == "none" and first == "Pixel detectors: likely real (both agree)."
+    assert tone == "none" and first == "**Likely real:** both detectors that answered agree (d0 and d1)."
     assert second == "No provenance evidence in the file; this does not mean the image is real."
     assert "not proof" in third
     text, _ = provenance.headline(nothing, result(["likely real", "uncertain: needs human review", "likely real"],
                                                   ["far"]))
-    assert text.startswith("Pixel detectors: no agreement (2 likely real, 1 uncertain).")
+    assert text.startswith("**Likely real:** both detectors that answered agree (d0 and d2); d1 was unsure.")
     assert "far from the detectors' training data" in text
+    text, _ = provenance.headline(nothing, result(["likely real", "likely AI-generated"]))
+    assert text.startswith("**Uncertain, needs human review:** the detectors that answered disagree (d0: likely real; "
+                           "d1: likely AI-generated), so at least one of them is wrong.")
+    # a detector refused by its domain gate has already said why; the size warnings speak for the others only
+    answer = result(["likely real", OUTSIDE])
+    answer["detectors"]["d1"]["warnings"] = ["far"]
+    text, _ = provenance.headline(nothing, answer)
+    assert text.startswith("**Likely real:** d0 answered; d1 cannot judge it (the image is outside what it was trained "
+                           "on).") and "far from" not in text
+    text, _ = provenance.headline(nothing, result([OUTSIDE, OUTSIDE]))
+    assert text.startswith("**No verdict:** the image is outside what the selected detectors were trained on (d0 and "
+                           "d1)")
     weak = {**nothing, "says": "camera", "summary": "Weak camera evidence only: ... does not show the image is real.",
             "findings": [{"kind": "exif", "says": "camera", "strong": False, "detail": "", "proves": "", "fields": {}}]}
     text, tone = provenance.headline(weak, result(["likely real"]))
@@ -644,7 +851,8 @@ def test_the_headline_leads_with_a_strong_claim_even_beside_a_weaker_label():
     assert tone == "ai" and text.split("\n\n") == [
         "The file itself says it was edited with generative AI (it carries AUTOMATIC1111-style web UI generation "
         "settings; 1 more strong finding below).",
-        "Pixel detectors, a separate and weaker signal: likely real.", "Weak evidence of AI generation: ..."]
+        "Pixel detectors, a separate and weaker signal. Likely real: d answered.",
+        "Weak evidence of AI generation: ..."]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -150,6 +150,23 @@ def test_a_call_with_only_the_image_uses_the_default_num_samples(server):
     assert {r["num_samples"] for r in answer[0]["detectors"].values()} == {detectors.DEFAULT_NUM_SAMPLES}
 
 
+def test_the_plain_http_api_carries_the_headline_and_the_domain_fields(server, detector_dirs):
+    """JSON clients without gradio_client get the new fields too (null where a detector has no domain gate), and the
+    headline covers the detectors asked for, no others."""
+    event, [answer] = call_http(server, "predict", [upload(server, REAL_EXAMPLE), 4, None])
+    assert event == "complete"
+    assert set(answer["headline"]) == {"verdict", "answered", "abstained", "outside", "explanation"}
+    assert sorted(answer["headline"]["answered"] + answer["headline"]["abstained"]) == sorted(detector_dirs)
+    for result in answer["detectors"].values():
+        assert result["in_domain"] is None and result["domain_score"] is None
+    event, [one] = call_http(server, "predict", [upload(server, REAL_EXAMPLE), 4, detector_dirs[2]])
+    verdict = one["detectors"][detector_dirs[2]]["verdict"]
+    assert one["headline"]["verdict"] == verdict
+    assert one["headline"]["answered"] + one["headline"]["abstained"] == [detector_dirs[2]]
+    event, [[batch]] = call_http(server, "predict_batch", [[upload(server, REAL_EXAMPLE)], 4, detector_dirs[2]])
+    assert batch["headline"] == one["headline"]
+
+
 @pytest.mark.parametrize("path", ["/etc/passwd", "/tmp/bayesfake-never-uploaded.png", "relative/x.png",
                                   "{upload}/../../etc/passwd"])
 def test_a_file_that_was_not_uploaded_is_refused_by_name(server, path):
