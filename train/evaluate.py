@@ -215,9 +215,11 @@ def main(argv: list[str] | None = None, prog: str = "python -m train.evaluate") 
     parser.add_argument("--split-seed", type=int, help="only for a folder without a training record")
     args = parser.parse_args(argv)
 
-    from transformers import AutoModel
+    from hub_models import BayesFakeDetector
 
-    model = AutoModel.from_pretrained(args.model_dir, trust_remote_code=True)
+    # This package's model code, not the folder's copy: a run's folder holds the code of the day it was trained, and
+    # a release is made with today's (the export writes it into the release).
+    model = BayesFakeDetector.from_pretrained(args.model_dir)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     record_path, record = read_run_record(args.model_dir)
     if args.training_data:
