@@ -489,11 +489,12 @@ class DomainGate(nn.Module):
                          for v in (cfg.domain_image_mean, cfg.domain_image_std))
         return (x - d_mean) / d_std
 
-    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The extractor's pooled features [B, D] of the detector's ``pixel_values``."""
+    def features(self, domain_pixel_values: torch.Tensor) -> torch.Tensor:
+        """The extractor's pooled features [B, D] of its own input: ``domain_pixel_values`` as the image processor
+        makes them (or ``extractor_input(pixel_values)``)."""
         if self.extractor is None:
             raise ValueError("this domain gate reads the detector's own backbone features, not pixels")
-        x = self.extractor_input(pixel_values)
+        x = domain_pixel_values
         if not self.training:
             x = x.contiguous(memory_format=torch.channels_last)  # oneDNN's faster layout on CPU, as TimmBackbone
         return self.extractor(x)

@@ -123,7 +123,9 @@ def test_extractor_gate_reads_domain_pixel_values_from_the_processor(tiny_config
     weights = tmp_path / "extractor.safetensors"
     torch.manual_seed(0)
     save_file(timm.create_model(name, pretrained=False, num_classes=0).state_dict(), weights)
-    model = BayesFakeDetector(BayesFakeConfig(image_size=16, **tiny_config_kwargs)).eval()
+    # ImageNet normalisation for the detector, (0.5, 0.5) for the gate: the gate's input must not be re-normalised.
+    model = BayesFakeDetector(BayesFakeConfig(image_size=16, image_mean=[0.485, 0.456, 0.406],
+                                              image_std=[0.229, 0.224, 0.225], **tiny_config_kwargs)).eval()
     attach_domain_gate(model, name, str(weights), image_size=32)
     train = images(120, 0, size=32)  # the originals: the gate reads them at 32 px, the detector at 16
     fit_domain_gate(model, train, np.arange(120) % 2, progress=False)
@@ -133,6 +135,9 @@ def test_extractor_gate_reads_domain_pixel_values_from_the_processor(tiny_config
     assert batch["pixel_values"].shape == (3, 3, 16, 16) and batch["domain_pixel_values"].shape == (3, 3, 32, 32)
     out = model(**batch, num_samples=2, seed=0)
     assert out.domain_score.shape == (3,)
+    with torch.no_grad():  # exactly the extractor on the processor's gate input, nothing re-normalised on the way
+        direct = model.domain_gate.distance(model.domain_gate.extractor(batch["domain_pixel_values"]))
+    assert torch.allclose(out.domain_score, direct, atol=1e-5)
     explained = model.explain(batch["pixel_values"], num_samples=2, seed=0,
                               domain_pixel_values=batch["domain_pixel_values"])["output"]
     assert torch.allclose(explained.domain_score, out.domain_score, atol=1e-5)
