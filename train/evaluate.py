@@ -138,8 +138,9 @@ def evaluation_data(model, record: dict | None, split: str = "test", data: str |
     else:
         raise ValueError("no training record with the validation split (train_history.json in the model folder or "
                          "history.json beside it): pass --val-fraction and --split-seed")
-    # A frozen-backbone head: its config says so; a record of the older frozen-head trainer names its backbone instead.
-    frozen = train_config.get("features") or record.get("backbone")
+    # A frozen-backbone head: its training config says so; a record of the older frozen-head trainer (no
+    # "train_config", its config under "config") says it by naming the frozen backbone.
+    frozen = train_config.get("features") if "train_config" in record else record.get("backbone")
     features = bool(frozen) and not getattr(model, "backbone_stochastic", False)
     processor = decode_processor(model.config, train_config.get("decode_size", 0) if features else 0)
     splits = load_splits(source, processor, val_fraction, split_seed)
