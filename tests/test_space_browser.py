@@ -20,6 +20,8 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                  "--disable-sync", "--no-first-run"]
 TIMEOUT_MS = 60_000  # two shared CPU cores: a first analysis (plots included) can take a few seconds
+# expect() has its own 5 s default, which a busy machine overran (an analysis took 5.3 s beside four other jobs).
+expect.set_options(timeout=TIMEOUT_MS)
 CHART_IDS = ("domain-plot", "p-fake-plot", "uncertainty-plot", "samples-plot", "explanation-plot")
 
 
