@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-import train.trainer as trainer_mod
 from hub_models import BayesFakeDetector
 from train.config import load_config
 from train.laundering import LAUNDERINGS, launder_images, random_launder
 from train.trainer import build_model, train
 
-from test_train import checkpoint_position, image_folder, load_weights, same_weights, write_config  # noqa: F401
+from test_train import (checkpoint_position, image_folder, load_weights, same_weights,  # noqa: F401
+                        train_interrupted, write_config)
 
 
 def photo_like(n=4, size=32, seed=0):
@@ -93,18 +93,7 @@ def test_laundered_run_resumes_bit_exact(tmp_path, image_folder, monkeypatch, on
     assert not same_weights(load_weights(full.final), load_weights(plain.final))  # the laundering is applied
 
     cfg = load_config(path, [f"out_dir={tmp_path / 'broken'}"])
-    real_lr_at, calls = trainer_mod.lr_at, []
-
-    def crash_in_last_step(step, steps_per_epoch, c):
-        calls.append(step)
-        if len(calls) == steps_per_epoch:  # the epoch's last step, after the step-2 checkpoint
-            raise KeyboardInterrupt
-        return real_lr_at(step, steps_per_epoch, c)
-
-    monkeypatch.setattr(trainer_mod, "lr_at", crash_in_last_step)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, progress=False)
-    monkeypatch.setattr(trainer_mod, "lr_at", real_lr_at)
+    train_interrupted(monkeypatch, cfg, at_step=3)  # 3 steps per epoch: the last step, after the step-2 checkpoint
     assert checkpoint_position(tmp_path / "broken") == (0, 2)
     resumed = train(cfg, resume=True, progress=False)
     assert same_weights(load_weights(full.final), load_weights(resumed.final))

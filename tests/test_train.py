@@ -156,6 +156,23 @@ def same_weights(a, b) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a)
 
 
+def train_interrupted(monkeypatch, cfg, at_step: int) -> None:
+    """Run ``train(cfg)`` and kill it (KeyboardInterrupt) at its ``at_step``-th optimisation step (counted from 1),
+    before that step runs: what a Ctrl-C or a lost machine does mid-epoch."""
+    real_lr_at, calls = trainer_mod.lr_at, []
+
+    def crash_at_step(step, steps_per_epoch, c):
+        calls.append(step)
+        if len(calls) == at_step:
+            raise KeyboardInterrupt
+        return real_lr_at(step, steps_per_epoch, c)
+
+    monkeypatch.setattr(trainer_mod, "lr_at", crash_at_step)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, progress=False)
+    monkeypatch.setattr(trainer_mod, "lr_at", real_lr_at)
+
+
 def checkpoint_position(out_dir) -> tuple[int, int]:
     state = json.loads((find_checkpoint(out_dir / "checkpoint") / STATE_FILE).read_text())
     return state["epoch"], state["step"]
@@ -179,18 +196,7 @@ def test_interrupted_training_resumes_bit_exact(tmp_path, image_folder, monkeypa
 
     # Interrupt the second run in epoch 2, after its step-2 checkpoint, then resume.
     cfg = load_config(path, [f"out_dir={tmp_path / 'broken'}"])
-    real_lr_at, calls = trainer_mod.lr_at, []
-
-    def crash_in_last_step(step, steps_per_epoch, c):
-        calls.append(step)
-        if len(calls) == 6:  # 3 steps per epoch: the last step of epoch 2, after its step-2 checkpoint
-            raise KeyboardInterrupt
-        return real_lr_at(step, steps_per_epoch, c)
-
-    monkeypatch.setattr(trainer_mod, "lr_at", crash_in_last_step)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, progress=False)
-    monkeypatch.setattr(trainer_mod, "lr_at", real_lr_at)
+    train_interrupted(monkeypatch, cfg, at_step=6)  # 3 steps per epoch: the last step of epoch 2
     assert checkpoint_position(tmp_path / "broken") == (1, 2)
     resumed = train(cfg, resume=True, progress=False)
     assert same_weights(load_weights(full.final), load_weights(resumed.final))

@@ -102,14 +102,23 @@ def gate_features(model, inputs, batch_size: int = 256, progress: bool = True, c
         return content_features(model, np.asarray(inputs), "gate", progress)
     if gate.extractor is not None:
         return extractor_features(model, np.asarray(inputs), batch_size, progress)
-    images = as_nchw_uint8(gate_images(model, np.asarray(inputs)))  # a gate on the detector's own features
-    processor = BayesFakeImageProcessor.from_config(model.config)
+    # A gate on the detector's own features, images not cached.
+    return batched_features(model, gate_images(model, np.asarray(inputs)),
+                            BayesFakeImageProcessor.from_config(model.config), model.backbone, batch_size, progress)
+
+
+@torch.no_grad()
+def batched_features(model, images: np.ndarray, processor: BayesFakeImageProcessor, network, batch_size: int,
+                     progress: bool) -> np.ndarray:
+    """``network``'s features [N, D] of uint8 ``images`` already at ``processor``'s size, normalised by it, in
+    batches, with ``model`` (which holds ``network``) in eval mode."""
+    images = as_nchw_uint8(images)
     device = next(model.parameters()).device
     model.eval()
     parts = []
     for start in tqdm(range(0, len(images), batch_size), desc="gate features", unit="batch", disable=not progress):
         x = processor.normalize_uint8(images[start:start + batch_size].to(device))
-        parts.append(model.backbone(x).float().cpu())
+        parts.append(network(x).float().cpu())
     return torch.cat(parts).numpy()
 
 
@@ -124,7 +133,6 @@ def _extractor_digest(model) -> str:
     return digest.hexdigest()[:12]
 
 
-@torch.no_grad()
 def extractor_features(model, images: np.ndarray, batch_size: int = 256, progress: bool = True,
                        cache_dir: Path | str | None = "auto") -> np.ndarray:
     """The gate extractor's features [N, D] of uint8 ``images`` (any size: resized to the gate's input from these
@@ -136,15 +144,9 @@ def extractor_features(model, images: np.ndarray, batch_size: int = 256, progres
     path = root / "domain" / f"{model.config.domain_gate}-{_extractor_digest(model)}" / f"{content}-{len(images)}.npy"
     if path.is_file():
         return np.load(path)
-    resized = as_nchw_uint8(gate_images(model, images))
-    processor = BayesFakeImageProcessor.from_config(model.config).domain_processor()
-    device = next(model.parameters()).device
-    model.eval()
-    parts = []
-    for start in tqdm(range(0, len(resized), batch_size), desc="gate features", unit="batch", disable=not progress):
-        x = processor.normalize_uint8(resized[start:start + batch_size].to(device))
-        parts.append(gate.features(x).float().cpu())
-    features = torch.cat(parts).numpy()
+    features = batched_features(model, gate_images(model, images),
+                                BayesFakeImageProcessor.from_config(model.config).domain_processor(), gate.features,
+                                batch_size, progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npy")
     np.save(tmp, features)
