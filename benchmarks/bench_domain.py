@@ -77,21 +77,48 @@ def load(name: str):
     return model, BayesFakeImageProcessor.from_config(model.config)
 
 
+def shard_digest(folder: Path, shard: str) -> str | None:
+    """sha1 of a release's weight shard: detectors whose backbone (or gate extractor) shard is byte-identical compute
+    the same features, so the benchmark computes them once."""
+    import hashlib
+
+    path = folder / shard
+    return hashlib.sha1(path.read_bytes()).hexdigest() if path.is_file() else None
+
+
 @torch.no_grad()
-def verdicts_of(model, processor, sources: list, batch: int) -> list[str]:
+def verdicts_of(name: str, model, processor, sources: list, batch: int, shared: dict) -> list[str]:
+    """Each image's verdict, as ``model(**processor(files))`` gives it. Frozen backbone features (the Lite0 heads) and
+    gate extractor features (the detectors shipping the same frozen Lite0) are computed once per image and reused
+    through ``forward_features`` / ``domain_features``: the same numbers (tested), a fraction of the time."""
+    folder = HUB_MODELS_DIR / name
+    own = model.config.domain_gate == "features" and model.config.backbone != "bayesfake_cnn"
+    key = (shard_digest(folder, "model-backbone.safetensors") if own
+           else shard_digest(folder, "model-domain-extractor.safetensors"))
     words = []
     for start in range(0, len(sources), batch):
         inputs = processor(sources[start:start + batch])
-        out = model(**inputs)
+        cache_key = (key, id(sources), start)
+        if own:
+            if cache_key not in shared:
+                shared[cache_key] = model.backbone(inputs["pixel_values"])
+            out = model.forward_features(shared[cache_key])
+        elif "domain_pixel_values" in inputs and key is not None:
+            if cache_key not in shared:
+                shared[cache_key] = model.domain_gate.features(inputs["domain_pixel_values"])
+            out = model(inputs["pixel_values"], domain_features=shared[cache_key])
+        else:
+            out = model(**inputs)
         words += model.verdicts(out)
     return words
 
 
 def headline_rows(names: list[str], sets: dict[str, tuple[list, np.ndarray]], batch: int) -> tuple[list[str], dict]:
-    per_detector = {}
+    per_detector, shared = {}, {}
     for name in names:
         model, processor = load(name)
-        per_detector[name] = {key: verdicts_of(model, processor, sources, batch) for key, (sources, _) in sets.items()}
+        per_detector[name] = {key: verdicts_of(name, model, processor, sources, batch, shared)
+                              for key, (sources, _) in sets.items()}
         print(f"  {name}: done", flush=True)
     lines = ["| image set | images | headline answered | headline accuracy among answered | headline uncertain | "
              "headline outside (no detector in domain) |", "|---|---|---|---|---|---|"]
