@@ -9,8 +9,9 @@
 #                                    of release 1.0.0 on laundered images (its weights come from git, RELEASE_1_REV)
 #   python -m train.evaluate runs/NAME/final --split test --alpha 0.01 --domain-gate GATE --stress --export ...
 # A finished training (runs/NAME/final) is not repeated; an interrupted one resumes from runs/NAME/checkpoint.
-# Releases are immutable: a detector whose outputs changed needs a new version, RELEASE_VERSION=2.1.0 (and
-# RELEASE_NOTES="what changed") in the environment pass --version / --notes to train.evaluate.
+# Releases are immutable: a rerun keeps the folder's version, and the export refuses it if the outputs changed; a
+# detector meant to change needs a new one, RELEASE_VERSION=2.2.0 (and RELEASE_NOTES="what changed") in the
+# environment pass --version / --notes to train.evaluate.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
@@ -39,10 +40,13 @@ for name in "${names[@]}"; do
         effnetlite0-*) gate=(--domain-gate features) ;;
         *) gate=(--domain-gate tf_efficientnet_lite0 --domain-weights "$LITE0") ;;
     esac
+    # Reproducing a release keeps its version (export refuses it if the outputs changed); RELEASE_VERSION overrides.
+    version=${RELEASE_VERSION:-$(python -c "import json, sys; print(json.load(open(sys.argv[1])).get('release_version')
+        or '')" "hub_models/$name/config.json" 2>/dev/null || true)}
     [ -f "$run/final/train_history.json" ] || python -m train.train "$config" \
         $( [ -d "$run/checkpoint" ] || [ -d "$run/checkpoint.old" ] && echo --resume )
     python -m train.evaluate "$run/final" --split test --out "$run/eval_test" --alpha 0.01 --delta 0.1 \
         "${gate[@]}" --training-data cifake --stress \
-        --export "hub_models/$name" ${RELEASE_VERSION:+--version "$RELEASE_VERSION"} \
+        --export "hub_models/$name" ${version:+--version "$version"} \
         ${RELEASE_NOTES:+--notes "$RELEASE_NOTES"} --command "bash scripts/release.sh $name"
 done
