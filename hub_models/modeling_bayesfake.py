@@ -764,24 +764,25 @@ class BayesFakeDetector(BayesFakePreTrainedModel):
             lambda x, t, sampled: self.sample_logits(x, t, stochastic=sampled),
             pixel_values, num_samples, labels, seed, generator, stochastic, adaptive=adaptive)
         if gate is not None:
-            if domain_features is not None:
-                width = gate.feature_dim
-                if (not torch.is_tensor(domain_features) or domain_features.shape != (pixel_values.shape[0], width)
-                        or not domain_features.is_floating_point()):
-                    shape = tuple(domain_features.shape) if torch.is_tensor(domain_features) else \
-                        type(domain_features).__name__
-                    raise ValueError(f"domain_features must be a float tensor [{pixel_values.shape[0]}, {width}] of "
-                                     f"the gate extractor's features; got {shape}")
-                gate_features = domain_features.to(gate.means.device)
-            else:
-                gate_features = self._extractor_features(pixel_values, domain_pixel_values)
-            out = self._apply_domain_gate(out, gate_features)
+            out = self._apply_domain_gate(out, self._extractor_features(pixel_values, domain_pixel_values,
+                                                                        domain_features))
         return out
 
-    def _extractor_features(self, pixel_values: torch.Tensor, domain_pixel_values: torch.Tensor | None) -> torch.Tensor:
-        """The domain gate's extractor features of ``domain_pixel_values``, else of ``pixel_values`` upsampled."""
+    def _extractor_features(self, pixel_values: torch.Tensor, domain_pixel_values: torch.Tensor | None,
+                            domain_features: torch.Tensor | None = None) -> torch.Tensor:
+        """The domain gate's extractor features: ``domain_features`` as given (checked), else those of
+        ``domain_pixel_values``, else of ``pixel_values`` upsampled."""
         gate = self.domain_gate
         param = next(self.parameters())
+        if domain_features is not None:
+            width, batch = gate.feature_dim, pixel_values.shape[0]
+            if (not torch.is_tensor(domain_features) or domain_features.shape != (batch, width)
+                    or not domain_features.is_floating_point()):
+                shape = tuple(domain_features.shape) if torch.is_tensor(domain_features) else \
+                    type(domain_features).__name__
+                raise ValueError(f"domain_features must be a float tensor [{batch}, {width}] of the gate extractor's "
+                                 f"features; got {shape}")
+            return domain_features.to(gate.means.device)
         if domain_pixel_values is None:
             if not self._warned_domain_input:
                 logger.warning("domain gate: no domain_pixel_values given, so it judges the %dpx pixel_values "

@@ -28,15 +28,9 @@ from tqdm.auto import tqdm
 from hub_models.configuration_bayesfake import DOMAIN_OWN_FEATURES
 from hub_models.image_processing_bayesfake import BayesFakeImageProcessor
 from train.data import default_cache_dir
-from train.features import content_features
+from train.features import content_features, resize_uint8
 from train.prediction import as_nchw_uint8, is_features
 
-
-def preprocess_uint8_images(processor: BayesFakeImageProcessor, images: np.ndarray) -> np.ndarray:
-    """uint8 [N, h, w, 3] -> uint8 [N, S, S, 3] through the processor's own resize."""
-    from PIL import Image
-
-    return np.stack([processor.to_rgb_uint8(Image.fromarray(image)) for image in images])
 
 IN_DOMAIN_PASS = 0.99  # share of in-domain validation images the threshold lets through
 GATE_TRAIN_IMAGES = 10_000  # seeded subset of train the Gaussians are fitted on (1280-d: ~4x the dimension per class)
@@ -80,10 +74,7 @@ def gate_images(model, images: np.ndarray) -> np.ndarray:
     processor = BayesFakeImageProcessor.from_config(model.config)
     if model.domain_gate is not None and model.domain_gate.extractor is not None:
         processor = processor.domain_processor()
-    if images.shape[1:3] == (processor.size, processor.size):
-        return images
-    return np.concatenate([preprocess_uint8_images(processor, images[i:i + 1024])
-                           for i in range(0, len(images), 1024)])
+    return resize_uint8(processor, images)
 
 
 @torch.no_grad()

@@ -109,15 +109,15 @@ def read_run_record(model_dir: str | Path) -> tuple[Path, dict] | tuple[None, No
     return None, None
 
 
-def evaluation_data(model, record: dict | None, split: str = "test", data: str | None = None,
-                    val_fraction: float | None = None, split_seed: int | None = None,
-                    progress: bool = True) -> dict[str, tuple]:
-    """{"val", ``split``} -> (inputs, labels) to calibrate and evaluate ``model`` on: the run's own validation split.
+def recorded_splits(record: dict | None, processor, data: str | None = None, val_fraction: float | None = None,
+                    split_seed: int | None = None):
+    """The run's splits (``train.data.load_splits``) decoded by ``processor``, with the validation split the run
+    recorded.
 
     The source, fraction and seed come from the run's ``record`` (``data`` may point elsewhere, e.g. a moved copy):
     the split is re-derived and must hash to what the run recorded. A record without that hash (from an older
     version) gives its config's fraction and seed, unchecked; with no record at all ``val_fraction`` and
-    ``split_seed`` must be given. A feature run gets its cached backbone features (decoded at its ``decode_size``).
+    ``split_seed`` must be given.
     """
     record = record or {}
     recorded = record.get("split")
@@ -138,14 +138,25 @@ def evaluation_data(model, record: dict | None, split: str = "test", data: str |
     else:
         raise ValueError("no training record with the validation split (train_history.json in the model folder or "
                          "history.json beside it): pass --val-fraction and --split-seed")
+    splits = load_splits(source, processor, val_fraction, split_seed)
+    if recorded:
+        check_split_record(recorded, splits.record)
+    return splits
+
+
+def evaluation_data(model, record: dict | None, split: str = "test", data: str | None = None,
+                    val_fraction: float | None = None, split_seed: int | None = None,
+                    progress: bool = True) -> dict[str, tuple]:
+    """{"val", ``split``} -> (inputs, labels) to calibrate and evaluate ``model`` on: the run's own validation split
+    (``recorded_splits``). A feature run gets its cached backbone features (decoded at its ``decode_size``)."""
+    record = record or {}
+    train_config = record.get("train_config") or record.get("config") or {}
     # A frozen-backbone head: its training config says so; a record of the older frozen-head trainer (no
     # "train_config", its config under "config") says it by naming the frozen backbone.
     frozen = train_config.get("features") if "train_config" in record else record.get("backbone")
     features = bool(frozen) and not getattr(model, "backbone_stochastic", False)
     processor = decode_processor(model.config, train_config.get("decode_size", 0) if features else 0)
-    splits = load_splits(source, processor, val_fraction, split_seed)
-    if recorded:
-        check_split_record(recorded, splits.record)
+    splits = recorded_splits(record, processor, data, val_fraction, split_seed)
     wanted = {"val": splits["val"], split: splits[split]}
     if features:
         wanted = split_features(model, wanted, splits.record, processor, progress=progress)
@@ -156,18 +167,8 @@ def native_splits(model, record: dict | None, data: str | None = None, val_fract
                   split_seed: int | None = None) -> dict:
     """The run's train / val / test images decoded at the training images' own side (CIFAKE: 32 px, whatever the
     detector's input size): what the domain gate is fitted on and what laundering is applied to."""
-    recorded = (record or {}).get("split") or {}
-    train_config = (record or {}).get("train_config") or (record or {}).get("config") or {}
-    source = data or recorded.get("data") or train_config.get("data", "../shared/data/cifake")
-    fraction = recorded.get("val_fraction", val_fraction if val_fraction is not None else train_config.get("val_fraction"))
-    seed = recorded.get("seed", split_seed if split_seed is not None else train_config.get("seed"))
-    if fraction is None or seed is None:
-        raise ValueError("no training record with the validation split: pass --val-fraction and --split-seed")
     processor = decode_processor(model.config, model.config.training_image_size)
-    splits = load_splits(source, processor, fraction, seed)
-    if recorded:
-        check_split_record(recorded, splits.record)
-    return splits
+    return recorded_splits(record, processor, data, val_fraction, split_seed)
 
 
 def subsample(inputs: np.ndarray, labels: np.ndarray, max_n: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -65,10 +65,17 @@ def cache_folder(model, data_key: str, cache_dir: Path | str | None = "auto") ->
     return root / "features" / tag
 
 
+def resize_uint8(processor: BayesFakeImageProcessor, images: np.ndarray) -> np.ndarray:
+    """uint8 [N, h, w, 3] -> uint8 [N, S, S, 3] at ``processor``'s side, through the same PIL resize as inference
+    (returned as they are when already that size)."""
+    if images.shape[1:3] == (processor.size, processor.size):
+        return images
+    return np.stack([processor.to_rgb_uint8(Image.fromarray(image)) for image in images])
+
+
 def preprocess_uint8(processor: BayesFakeImageProcessor, images: np.ndarray) -> torch.Tensor:
     """uint8 [N, h, w, 3] arrays -> normalised [N, 3, S, S], through the same PIL resize as inference."""
-    resized = np.stack([processor.to_rgb_uint8(Image.fromarray(image)) for image in images])
-    return processor.normalize_uint8(torch.from_numpy(resized).permute(0, 3, 1, 2))
+    return processor.normalize_uint8(torch.from_numpy(resize_uint8(processor, images)).permute(0, 3, 1, 2))
 
 
 @torch.no_grad()

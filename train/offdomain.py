@@ -15,14 +15,13 @@ detector's own processor), run at the detector's T, and reported as:
 from __future__ import annotations
 
 import numpy as np
-from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from hub_models.image_processing_bayesfake import BayesFakeImageProcessor
 from train.abstention import selective_outcome
 from train.data import decode_images, raw_splits
 from train.domain import gate_images
-from train.features import content_features
+from train.features import content_features, resize_uint8
 from train.laundering import LAUNDERINGS, launder_images
 from train.metrics import compute_metrics
 from train.prediction import predict
@@ -31,13 +30,6 @@ WILD = "../shared/data/wild"
 LAUNDER_IMAGES = 2000  # seeded subset of the clean test split laundered per kind
 KEYS = ("cls/acc", "cal/ece", "sc/auroc_entropy", "sc/coverage", "sc/answered_acc", "sc/answered_risk",
         "sc/answered_n", "ood/outside_share", "sc/review_share", "meta/n")
-
-
-def to_input_size(processor: BayesFakeImageProcessor, images: np.ndarray) -> np.ndarray:
-    """uint8 [N, h, w, 3] resized to the detector's input side with its own PIL resize (as an upload would be)."""
-    if images.shape[1] == processor.size and images.shape[2] == processor.size:
-        return images
-    return np.stack([processor.to_rgb_uint8(Image.fromarray(image)) for image in images])
 
 
 def stress_sets(model, test_images: np.ndarray, test_labels: np.ndarray, wild: str | None = WILD,
@@ -50,8 +42,8 @@ def stress_sets(model, test_images: np.ndarray, test_labels: np.ndarray, wild: s
     extractor_gate = getattr(model, "domain_gate", None) is not None and model.domain_gate.extractor is not None
 
     def entry(images, labels):  # + the gate's own input, resized from the same pixels, when it has an extractor
-        return ((to_input_size(processor, images), labels, gate_images(model, images)) if extractor_gate
-                else (to_input_size(processor, images), labels))
+        return ((resize_uint8(processor, images), labels, gate_images(model, images)) if extractor_gate
+                else (resize_uint8(processor, images), labels))
 
     test_labels = np.asarray(test_labels)
     sets = {}
