@@ -22,11 +22,13 @@ processor, and every function returns images of the size it was given.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable
 
 import numpy as np
-from PIL import Image, ImageFilter
+from PIL import Image
+
+# The operations live in the model package: inference makes degraded copies with them too (hub_models.copies).
+from hub_models.degradations import blur, crop_resize, down_up, jpeg  # noqa: F401 - re-exported
 
 # Ranges of random_launder's strengths. JPEG below 30 and blur above 1.5 px leave little of a 32 px image; a scale
 # under 0.4 leaves fewer than 13 px of it. The crop keeps at least 70% of each side so the content stays the picture.
@@ -34,37 +36,6 @@ JPEG_QUALITY = (30, 100)
 BLUR_RADIUS = (0.3, 1.5)
 DOWNUP_SCALE = (0.4, 0.9)
 CROP_KEEP = (0.70, 0.95)
-
-
-def jpeg(image: Image.Image, quality: int) -> Image.Image:
-    """Encode as JPEG at ``quality`` (PIL's default 4:2:0 chroma subsampling, like most encoders) and decode."""
-    buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format="JPEG", quality=int(quality))
-    buffer.seek(0)
-    with Image.open(buffer) as decoded:
-        return decoded.convert("RGB")
-
-
-def blur(image: Image.Image, radius: float) -> Image.Image:
-    return image.convert("RGB").filter(ImageFilter.GaussianBlur(radius=float(radius)))
-
-
-def down_up(image: Image.Image, scale: float) -> Image.Image:
-    """Downscale by ``scale`` (at least 1 px a side) and back up to the original size, both bicubic."""
-    image = image.convert("RGB")
-    w, h = image.size
-    small = image.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BICUBIC)
-    return small.resize((w, h), Image.BICUBIC)
-
-
-def crop_resize(image: Image.Image, keep: float, left_share: float = 0.5, top_share: float = 0.5) -> Image.Image:
-    """Crop ``keep`` of each side (at least 1 px), placed at ``left_share`` / ``top_share`` of the slack (0.5 = the
-    centre), and resize back to the original size with bicubic."""
-    image = image.convert("RGB")
-    w, h = image.size
-    cw, ch = max(1, round(w * keep)), max(1, round(h * keep))
-    left, top = round((w - cw) * left_share), round((h - ch) * top_share)
-    return image.crop((left, top, left + cw, top + ch)).resize((w, h), Image.BICUBIC)
 
 
 LAUNDERINGS: dict[str, Callable[[Image.Image], Image.Image]] = {
