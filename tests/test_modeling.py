@@ -620,16 +620,51 @@ def test_int8_backbone_is_opt_in_close_and_reversible():
     with torch.no_grad():
         before = model(x, num_samples=T, seed=1)
         model.quantize_int8(x)
-        assert model.is_quantized
+        assert model.is_quantized and model.config.int8_backbone
         quantized = model(x, num_samples=T, seed=1)
         explained = model.explain(x[:2], num_samples=T, seed=1)["output"]  # explain needs gradients: float weights
     assert (quantized.probs - before.probs).abs().max() < 0.1
     assert not torch.equal(quantized.probs, before.probs)
     torch.testing.assert_close(explained.probs, before.probs[:2], atol=1e-5, rtol=0)
-    assert model.state_dict().keys() == state.keys()  # nothing new to save; the float weights are untouched
+    # The float weights are untouched; the calibrated observers are added as weights (saved with the model).
+    added = set(model.state_dict()) - set(state)
+    assert added and all(k.startswith("backbone.int8_observers.") for k in added)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
     model.dequantize()
+    assert not model.config.int8_backbone and model.state_dict().keys() == state.keys()
     with torch.no_grad():
         torch.testing.assert_close(model(x, num_samples=T, seed=1).probs, before.probs, atol=0, rtol=0)
     with pytest.raises(ValueError, match="only the from-scratch CNN"):
         build("variational", "all").quantize_int8(x)
+
+
+def test_int8_release_round_trips_to_the_same_outputs(tmp_path):
+    """An int8 detector saved and loaded again rebuilds the very same int8 network (stored observers, not a new
+    calibration): identical outputs, through AutoModel as a user loads it."""
+    from transformers import AutoModel
+
+    model = build("mc_dropout", cnn_widths=[8, 16, 16])
+    x = images(b=32, seed=5)
+    with torch.no_grad():
+        model.quantize_int8(images(b=64, seed=9))
+        expected = model(x, num_samples=T, seed=1).probs
+    model.save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path, trust_remote_code=True).eval()
+    assert loaded.config.int8_backbone and loaded.is_quantized
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, num_samples=T, seed=1).probs, expected, atol=0, rtol=0)
+    # Built from the config and given the weights later (no from_pretrained): the first forward builds it.
+    rebuilt = BayesFakeDetector(loaded.config).eval()
+    rebuilt.load_state_dict(loaded.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x, num_samples=T, seed=1).probs, expected, atol=0, rtol=0)
+
+
+def test_int8_config_without_calibration_is_an_error_not_a_float_model():
+    model = build("mc_dropout", cnn_widths=[8, 16, 16], int8_backbone=True)
+    with pytest.raises(ValueError, match="not calibrated"):
+        model(images(), num_samples=T)
+    with pytest.raises(ValueError, match="int8_backbone"):
+        BayesFakeConfig(backbone="tf_efficientnet_lite0", int8_backbone=True)
+    with pytest.raises(ValueError, match="int8_backbone"):
+        BayesFakeConfig(head="variational", variational_scope="all", int8_backbone=True)

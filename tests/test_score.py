@@ -19,7 +19,7 @@ from PIL import Image
 
 from bayesfake import score as score_mod
 from bayesfake.cli import main as cli_main
-from bayesfake.score import iter_source, score
+from bayesfake.score import iter_source, score, source_kind
 from hub_models.hub import load_detector
 
 DETECTOR = "bayesfake/cifake-mcdropout-cnn"
@@ -257,6 +257,42 @@ def test_datasets_folder_and_parquet_file_sources(dataset_folder, tmp_path):
     assert [r["key"] for r in got] == ["test-00000-of-00001/0", "test-00000-of-00001/1"]
     assert [r[f"{COLUMN}/p_fake"] for r in got] == pytest.approx([r[f"{COLUMN}/p_fake"] for r in rows[3:]], abs=1e-6)
     assert [r["label"] for r in got] == ["0", "1"]  # a bare parquet file has no class names
+
+
+def hub_dataset_in_local_cache(dataset_folder, cache, repo_id):
+    """Put a data set where ``datasets.load_dataset(repo_id)`` finds it offline: the layout an earlier online load of
+    a Hub parquet data set leaves in the datasets cache (``NAMESPACE___NAME/default/0.0.0/COMMIT``, arrow files and
+    dataset_info.json), made here by the same parquet builder, since the Hub cannot be reached."""
+    import datasets
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    namespace, name = repo_id.split("/")
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["REAL", "FAKE"])})
+    files = {split: str(dataset_folder / "data" / f"{split}-00000-of-00001.parquet") for split in ("train", "test")}
+    builder = Parquet(cache_dir=str(cache), dataset_name=name, config_name="default", hash="0123456789abcdef",
+                      data_files=files, features=features)
+    builder.download_and_prepare()
+    (cache / name).rename(cache / f"{namespace}___{name}")
+    (config_dir,) = (cache / f"{namespace}___{name}").glob("default*")
+    config_dir.rename(config_dir.parent / "default")
+
+
+def test_a_hub_dataset_id_is_read_offline_from_the_local_cache(dataset_folder, tmp_path, monkeypatch):
+    import datasets
+
+    cache = tmp_path / "datasets-cache"
+    hub_dataset_in_local_cache(dataset_folder, cache, "bayesfake-tests/tiny")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    assert source_kind("bayesfake-tests/tiny") == "datasets"
+    by_id = tmp_path / "by_id.parquet"
+    run("bayesfake-tests/tiny", by_id, evidence=False)
+    by_folder = tmp_path / "by_folder.parquet"
+    run(dataset_folder, by_folder, evidence=False)
+    assert [r["key"] for r in rows_of(by_id)] == ["train/0", "train/1", "train/2", "test/0", "test/1"]
+    assert_same_rows(rows_of(by_id), rows_of(by_folder))
+    with pytest.raises(Exception, match="bayesfake-tests/missing"):
+        run("bayesfake-tests/missing", tmp_path / "missing.parquet", evidence=False)
 
 
 def test_iter_source_streams_a_folder_lazily(folder):

@@ -34,7 +34,7 @@ from train.domain import (GATE_TRAIN_IMAGES, attach_domain_gate, choose_domain_t
                           gate_images)
 from train.offdomain import WILD, stress_sets, stress_report
 from train.data import check_split_record, decode_processor, load_splits
-from train.features import split_features
+from train.features import preprocess_uint8, split_features
 from train.metrics import compute_metrics
 from train.prediction import is_features, predict
 from train.report import write_report
@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 def calibrate_and_evaluate(model, splits: dict, out_dir: str | Path, num_samples: int | None = None,
                            split: str = "test", name: str = "bayesfake", dataset: str = "CIFAKE",
                            batch_size: int = 512, seed: int = 0, reject_rate: float = 0.10,
-                           threshold_rule: str = "f1_optimal", progress: bool = True, alpha: float | None = None,
+                           threshold_rule: str | None = None, progress: bool = True, alpha: float | None = None,
                            delta: float = DELTA, gate_train: tuple | None = None, stress: dict | None = None,
                            frozen_features: bool = False) -> dict:
     """Calibrate ``model`` on ``splits["val"]`` (its config is updated), evaluate it on ``splits[split]`` and write the
@@ -212,12 +212,16 @@ def main(argv: list[str] | None = None, prog: str = "python -m train.evaluate") 
     parser.add_argument("--stress", action="store_true", help="also report laundered copies of the test split and "
                                                               "the off-domain set --wild (train.offdomain)")
     parser.add_argument("--wild", default=WILD, help="off-domain image set of --stress")
+    parser.add_argument("--int8-calibration", type=int, metavar="N",
+                        help="run the from-scratch CNN backbone in int8 (config.int8_backbone), its activation ranges "
+                             "calibrated on N seeded training images; everything after (temperature, threshold, "
+                             "reject rule, test, export, goldens) is then measured in int8")
     parser.add_argument("--data", help="dataset folder or id (default: the one the run recorded)")
     parser.add_argument("--val-fraction", type=float, help="only for a folder without a training record")
     parser.add_argument("--split-seed", type=int, help="only for a folder without a training record")
     args = parser.parse_args(argv)
 
-    from hub_models import BayesFakeDetector
+    from hub_models import BayesFakeDetector, BayesFakeImageProcessor
 
     # This package's model code, not the folder's copy: a run's folder holds the code of the day it was trained, and
     # a release is made with today's (the export writes it into the release).
@@ -230,6 +234,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m train.evaluate") 
         if args.alpha is None:
             parser.error("--domain-gate needs --alpha: the reject rule is certified on in-domain images")
         attach_domain_gate(model, args.domain_gate, args.domain_weights)
+    if args.int8_calibration:
+        train_images, _ = subsample(*native_splits(model, record, args.data, args.val_fraction,
+                                                   args.split_seed)["train"], args.int8_calibration, args.seed)
+        model.quantize_int8(preprocess_uint8(BayesFakeImageProcessor.from_config(model.config), train_images))
     splits = evaluation_data(model, record, args.split, args.data, args.val_fraction, args.split_seed)
     splits = {key: subsample(*splits[key], args.max_eval, args.seed) for key in ("val", args.split)}
     gate_train = stress = None
