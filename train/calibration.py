@@ -125,13 +125,15 @@ def choose_reject_entropy(val_preds: Predictions, *, reject_rate: float = 0.10) 
 
 
 def calibrate_on_validation(model, inputs, labels, num_samples: int | None = None, batch_size: int = 512,
-                            seed: int = 0, reject_rate: float = 0.10, threshold_rule: str = "f1_optimal",
+                            seed: int = 0, reject_rate: float = 0.10, threshold_rule: str | None = None,
                             progress: bool = True, domain_inputs=None) -> dict:
     """Fit temperature, threshold and reject entropy on validation (uint8 images or cached features, as ``predict``
-    takes them) and store them in ``model.config``.
+    takes them) and store them in ``model.config``. The threshold follows ``threshold_rule``, by default the
+    detector's own ``config.threshold_rule`` (F1-optimal unless the config says e.g. "youden_j").
 
     Returns a summary: the fitted values, every candidate threshold, and validation NLL / ECE before and after.
     """
+    threshold_rule = threshold_rule or model.config.threshold_rule
     raw = predict(model, inputs, labels, num_samples, batch_size, seed, progress, keep_sample_logits=True,
                   domain_inputs=domain_inputs)
     before = calibration_metrics(raw)

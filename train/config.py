@@ -75,6 +75,20 @@ class TrainConfig:
     init_from: str = ""
     channels_last: bool = True  # pixel runs: NHWC activations, oneDNN's faster convolution layout on CPU
 
+    # Autoencoder detectors (model.decoder_widths set; train.autoencoder, train.losses): loss = recon_weight x
+    # (ssim_share x (1 - SSIM) + (1 - ssim_share) x L1 + perceptual_weight x perceptual) + class weight x focal loss.
+    # The seed's alpha_r = ssim_share, beta = perceptual_weight, gamma_r = recon_weight, gamma_c = focal_gamma,
+    # alpha_c = focal_alpha. label_smoothing above smooths the focal loss's targets.
+    recon_weight: float = 1.0
+    ssim_share: float = 0.84
+    perceptual_weight: float = 0.15  # 0: no perceptual term (it needs backbone_weights)
+    class_weight: float = 1.0  # the classification weight once the ramp is done
+    focal_gamma: float = 2.0  # 0 with focal_alpha -1: label-smoothed binary cross-entropy
+    focal_alpha: float = 0.5  # weight of the FAKE class (REAL: 1 - it); -1 = both alike
+    classifier_frozen_fraction: float = 0.1  # of all steps: classification weight 0, head frozen
+    classifier_ramp_fraction: float = 0.1  # of all steps after that: the weight rises linearly to class_weight
+    unfreeze_blocks: int = 3  # only the encoder's last N timm blocks (and the layers after them) train; 0 = all
+
     # Validation and how the run executes
     val_samples: int = 10  # T of the per-epoch validation
     ckpt_every: int = 200  # steps between checkpoints (and one at every epoch end)
@@ -105,6 +119,16 @@ class TrainConfig:
             "val_samples": (self.val_samples >= 1, "must be >= 1"),
             "ckpt_every": (self.ckpt_every >= 1, "must be >= 1"),
             "threads": (self.threads >= 0, "must be >= 0 (0 = all cores)"),
+            "recon_weight": (math.isfinite(self.recon_weight) and self.recon_weight >= 0, "must be >= 0"),
+            "ssim_share": (0 <= self.ssim_share <= 1, "must be in [0, 1]"),
+            "perceptual_weight": (math.isfinite(self.perceptual_weight) and self.perceptual_weight >= 0,
+                                  "must be >= 0"),
+            "class_weight": (math.isfinite(self.class_weight) and self.class_weight > 0, "must be > 0"),
+            "focal_gamma": (math.isfinite(self.focal_gamma) and self.focal_gamma >= 0, "must be >= 0"),
+            "focal_alpha": (self.focal_alpha == -1 or 0 < self.focal_alpha < 1, "must be in (0, 1), or -1 (none)"),
+            "classifier_frozen_fraction": (0 <= self.classifier_frozen_fraction < 1, "must be in [0, 1)"),
+            "classifier_ramp_fraction": (0 <= self.classifier_ramp_fraction < 1, "must be in [0, 1)"),
+            "unfreeze_blocks": (self.unfreeze_blocks >= 0, "must be >= 0 (0 = every encoder layer trains)"),
         }
         for name, (ok, why) in checks.items():
             if not ok:
@@ -122,6 +146,9 @@ class TrainConfig:
                                  "name its weights (a file, or 'timm')")
             if model.head == "variational" and model.variational_scope == "all":
                 raise ValueError("features: true needs a deterministic backbone; variational_scope 'all' samples it")
+        if model.decoder_widths and self.features:
+            raise ValueError("an autoencoder detector (model.decoder_widths) trains its encoder and decoder on pixels: "
+                             "set features: false")
         if self.features and self.launder:
             raise ValueError("launder applies to pixel runs; a feature run trains on cached features of unlaundered "
                              "images (set launder: 0 or features: false)")

@@ -39,6 +39,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hub_models import BayesFakeDetector, BayesFakeImageProcessor
+from train.autoencoder import AutoencoderTrainStep, build_loss, classifier_weight, freeze_encoder
 from train.config import TrainConfig, config_defaults
 from train.data import augment_batch, decode_processor, epoch_order, load_splits, training_subset
 from train.features import load_backbone_weights, split_features
@@ -97,7 +98,7 @@ def check_resumable(saved: dict, cfg: TrainConfig, steps_done: int, steps_per_ep
 # weights (init_from) only when these agree. Sampling (dropout rate, priors, T), preprocessing and calibration may
 # differ: the weights still fit.
 ARCHITECTURE_FIELDS = ("backbone", "cnn_widths", "head", "head_hidden", "variational_layer", "variational_scope",
-                       "image_size")
+                       "image_size", "decoder_widths", "greyscale")
 
 
 def build_model(cfg: TrainConfig) -> tuple[BayesFakeDetector, str]:
@@ -270,9 +271,11 @@ class TrainResult:
     record: dict  # what OUT/history.json and final/train_history.json hold
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, command: str = "") -> TrainResult:
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, command: str = "",
+          epoch_end=None) -> TrainResult:
     """Train (or fit) the detector of ``cfg``; write ``OUT/final``, ``OUT/history.json`` and checkpoints in
-    ``OUT/checkpoint``. ``resume`` continues from the checkpoint; without it the run starts from scratch."""
+    ``OUT/checkpoint``. ``resume`` continues from the checkpoint; without it the run starts from scratch.
+    ``epoch_end(metrics)`` is called after each epoch's validation and checkpoint (an Optuna pruner raises there)."""
     accelerator = Accelerator()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -302,7 +305,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, command
     model = model.to(memory_format=memory_format)
     if cfg.features:
         model.backbone.requires_grad_(False)
-    step_module = TrainStep(model, cfg.features)
+    # An autoencoder detector trains its encoder (last unfreeze_blocks), decoder and head on the hybrid loss.
+    hybrid = build_loss(cfg, model).to(accelerator.device) if model.decoder is not None else None
+    if hybrid is not None:
+        step_module = AutoencoderTrainStep(model, freeze_encoder(model, cfg.unfreeze_blocks))
+    else:
+        step_module = TrainStep(model, cfg.features)
     optimizer = make_optimizer(cfg, model.head.parameters() if cfg.features else model.parameters())
     step_module, optimizer = accelerator.prepare(step_module, optimizer)
     accelerator.register_for_checkpointing(state)
@@ -343,8 +351,16 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, command
             lr = lr_at(epoch * steps_per_epoch + step, steps_per_epoch, cfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            logits, kl = step_module(x.to(device))
-            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+            if hybrid is not None:
+                # Progressive weighting: weight 0 freezes the head (no gradient into it, nor through it).
+                weight = classifier_weight(epoch * steps_per_epoch + step, cfg.epochs * steps_per_epoch, cfg)
+                model.head.requires_grad_(weight > 0)
+                logits, reconstruction, target = step_module(x.to(device))
+                loss = hybrid(reconstruction, target, logits, y, weight).total
+                kl = model.kl_divergence() if model.bayesian_layers() else None
+            else:
+                logits, kl = step_module(x.to(device))
+                loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
             if kl is not None:
                 # ELBO per training example: the minibatch NLL is a mean over examples, so the KL (one term for the
                 # whole data set) is divided by N to sit on the same per-example scale; kl_weight tempers it.
@@ -366,6 +382,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, command
         if progress:
             accelerator.print(json.dumps(metrics))
         save_checkpoint(accelerator, ckpt, state)
+        if epoch_end is not None:
+            epoch_end(metrics)
     return finish(cfg, accelerator, model, state, data, loaded, command)
 
 
