@@ -13,6 +13,7 @@
                                                         (bayesfake.score); split across processes with
                                                         accelerate launch --multi_gpu --num_processes N -m bayesfake
                                                         score ... (CPU-only machines too: gloo) or torchrun
+    bayesfake study CONFIG [--set k=v ...]              the backbone x classifier study, resumable (train.study)
 
 ``bayesfake SUBCOMMAND --help`` shows the options of each.
 """
@@ -37,6 +38,8 @@ COMMANDS = {
     "evidence": ("evidence.__main__", "read provenance evidence (C2PA, IPTC, generator parameters, EXIF, watermark)"),
     "score": ("bayesfake.score", "score an image folder or data set with the detectors into a parquet file (resumable, "
               "distributed under accelerate launch)"),
+    "study": ("train.study", "the backbone x classifier study (frozen backbones, classical heads, cross-data-set "
+              "tests), resumable; writes its results table and heatmaps"),
 }
 HEADLINE_METRICS = (("cls/acc", "acc"), ("cal/ece", "ECE"), ("sc/auroc_entropy", "err-det AUROC"))
 
