@@ -8,7 +8,9 @@ train.laundering.random_launder, both classes alike), augmented and normalised, 
 backbone features go through its head only (``TrainStep``). Either way the loss is the cross-entropy of one Monte Carlo
 draw's logits plus ``kl_weight * KL / N`` for variational layers (the ELBO per example), and each epoch ends with a
 validation (``predict`` then ``train.metrics``: accuracy at 0.5 and ``nll``). A Gaussian NB head has no optimiser: it
-is fitted in closed form as the run's single epoch.
+is fitted in closed form as the run's single epoch. An autoencoder detector (``model.decoder_widths``) trains on
+``train.losses.HybridLoss`` instead: reconstruction plus a focal loss whose weight is 0 (head frozen) for the first
+steps, then ramps up, with only the encoder's last blocks trainable (``train.autoencoder``).
 
 A run starts from ``seed``'s initialisation, or from a trained detector's weights (``init_from``: fine-tuning; its
 calibration is not carried over). The data order is a pure function of (seed, epoch) and launderings and augmentations
