@@ -6,6 +6,9 @@ self-contained: torch, transformers, bayesian-torch, and timm only for timm back
 Public inference contract: ``out = model(pixel_values, num_samples=T)`` returns a ``BayesFakeOutput`` with
 ``probs`` [B, 2] (mean predictive), ``sample_probs`` [T, B, 2], ``std`` [B, 2], ``predictive_entropy`` [B] (total),
 ``mutual_information`` [B] (epistemic), ``expected_entropy`` [B] (aleatoric) and ``logits`` = log(probs).
+An autoencoder detector (``config.decoder_widths``: a timm encoder, a BatchNorm decoder, the head on the pooled
+features) adds ``reconstruction_error`` [B]; its encoder and decoder run once per image, and ``model.reconstruct(x)``
+returns the reconstruction and the per-pixel error map for display.
 
 Cheap samples: the deterministic part of the network runs once per image; only the stochastic part is drawn T times,
 batched along the batch axis (layout [B*T, ...], image-major), never as a Python loop of T passes. Where every layer is
