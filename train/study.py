@@ -180,16 +180,18 @@ def cell_id(cell: dict) -> str:
 
 
 def planned_cells(cfg: StudyConfig, logo_generators: list[str]) -> list[dict]:
-    """Every cell of the study, in the order they run (most important first, so a partial run has the core)."""
-    cells = []
+    """Every cell of the study, in the order they run (most important first, so a partial run has the core): the
+    unreduced main grid, crops, shortcut, leave-one-generator-out, transforms, then the main grid's reductions."""
+    cells, reduced = [], []
     base = dict(train_tf="none", test_tf="none", geometry="centre", holdout="")
     if "main" in cfg.experiments:
         for backbone in cfg.backbones:
             for train in ("wild", "cifake"):
                 for reduction in cfg.reductions:
                     for clf in cfg.classifiers:
-                        cells.append(dict(base, experiment="main", backbone=backbone, train=train, classifier=clf,
-                                          reduction=reduction))
+                        (cells if reduction == "none" else reduced).append(
+                            dict(base, experiment="main", backbone=backbone, train=train, classifier=clf,
+                                 reduction=reduction))
     if "crops" in cfg.experiments:
         for backbone in cfg.crops_backbones:
             for clf in cfg.crops_classifiers:
@@ -215,7 +217,7 @@ def planned_cells(cfg: StudyConfig, logo_generators: list[str]) -> list[dict]:
                         # One fit per train transform; it is tested under every test transform (the cell's test sets).
                         cells.append(dict(base, experiment="transform", backbone=backbone, train=train,
                                           classifier=clf, reduction="none", train_tf=train_tf, test_tf="all"))
-    return cells
+    return cells + reduced
 
 
 class Store:
@@ -433,18 +435,25 @@ def run_study(cfg: StudyConfig, progress: bool = True, max_cells: int = 0) -> di
         todo = todo[:max_cells]
     done_before = len(cells) - len(todo) - sum(c["backbone"] in refused for c in cells)
     computed = 0
+    timing_key = cell_id({"timing": "run", "started": round(start)})
+
+    def record_time(finished: bool) -> None:
+        # Rewritten after every cell (the store keeps the last line of a key): a killed run still counts its time.
+        study.store.put(timing_key, {"seconds": round(time.time() - start, 1), "cells_computed": computed,
+                                     "cells_reused": done_before, "extraction_seconds":
+                                     round(study.extraction_seconds, 1), "command": cfg.command,
+                                     "finished": finished})
+
     for cell in tqdm(todo, desc="study cells", unit="cell", disable=not progress):
         record = study.run_cell(cell)
         study.store.put(cell_id(cell), record)
         computed += 1
+        record_time(False)
     meta_key = cell_id({"choice": "metadata_probe", "seed": cfg.seed})
     if "shortcut" in cfg.experiments and study.store.get(meta_key) is None:
         study.store.put(meta_key, {"probe": shortcut_metadata_probe(study)})
     seconds = time.time() - start
-    timing_key = cell_id({"timing": "run", "started": round(start)})
-    study.store.put(timing_key, {"seconds": round(seconds, 1), "cells_computed": computed,
-                                 "cells_reused": done_before, "extraction_seconds":
-                                 round(study.extraction_seconds, 1), "command": cfg.command})
+    record_time(True)
     paths = write_report(cfg, study.store, refused, cells)
     return {"seconds": seconds, "computed": computed, "reused": done_before, "refused": refused, "report": paths}
 

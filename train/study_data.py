@@ -185,6 +185,8 @@ def apply_geometry(image: Image.Image, geometry: str, size: int, resample: str) 
 
 def view_images(images: ImageSet, transform: str, geometry: str, size: int, resample: str, seed: int) -> np.ndarray:
     """uint8 [N, size, size, 3]: every image transformed (seeded per image) then put into shape."""
+    if transform not in TRANSFORMS:
+        raise ValueError(f"unknown transform {transform!r}; known: {list(TRANSFORMS)}")
     out = np.empty((len(images), size, size, 3), np.uint8)
     for i, blob in enumerate(images.images):
         rng = np.random.default_rng([seed, i, TRANSFORMS.index(transform)])
