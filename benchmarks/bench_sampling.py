@@ -1,5 +1,5 @@
 """Cost of T-sample Monte Carlo inference, per head kind, against one deterministic pass and a naive loop of T passes;
-the released detectors' sampling cost, the MC-Dropout CNN's throughput (float and opt-in int8), and adaptive sampling of
+the released detectors' sampling cost, the MC-Dropout CNN's throughput (int8 as released, and float), and adaptive sampling of
 the all-layer variational CNN.
 
     python benchmarks/bench_sampling.py [--batch 256] [--samples 30] [--repeats 11] [--naive-repeats 3]
@@ -19,9 +19,10 @@ is T times slower, so it is timed fewer times). Target: pred / det <= 1.2 for he
 models (the backbone runs once per image; only the head is sampled).
 
 ``--released NAME ...``: those detectors as shipped, det. and predictive back to back at each of ``--batches`` (target
-<= 1.1 for head-only models). ``--int8``: the released MC-Dropout CNN's T-sample images/s at ``--batch`` with its float
-backbone and with the opt-in int8 one (``quantize_int8``, calibrated on 512 CIFAKE train images), timed back to back,
-and how far int8 moves P(FAKE) and the verdicts on the CIFAKE test images. ``--adaptive-images N``: the released
+<= 1.1 for head-only models). ``--int8``: the released MC-Dropout CNN's T-sample images/s at ``--batch`` with its
+backbone in int8 as released (2.1.0: ``config.int8_backbone``) and with the same release's float weights, timed back to
+back, with the gate's features given and with the gate's own Lite0 pass, and how far int8 moves P(FAKE) and the
+verdicts on the CIFAKE test images. ``--adaptive-images N``: the released
 all-layer VI CNN on the first N CIFAKE test images (0: skip) in batches of ``--batch``: one deterministic pass, the
 fixed T-sample predictive and ``adaptive=True``, each over all N images, timed back to back per batch; cost is total
 time over the deterministic pass's, agreement is of verdicts with the fixed T; plus the previous grouped-convolution
@@ -158,55 +159,82 @@ def released_table(names: list[str], batches: list[int], samples: int, repeats: 
     return "\n".join(lines)
 
 
-def cifake_pixels(processor, split: str, count: int, seed: int | None = None) -> torch.Tensor:
+def cifake_inputs(processor, split: str, count: int, seed: int | None = None) -> dict:
+    """The processor's outputs (``pixel_values``, and ``domain_pixel_values`` for a gate with its own extractor) for
+    ``count`` CIFAKE images of ``split`` (shuffled with ``seed``, else the first ones)."""
     import datasets
 
     ds = datasets.load_dataset(str(CIFAKE), split=split)
     ds = ds.shuffle(seed=seed) if seed is not None else ds
     ds = ds.select(range(min(count, len(ds))))
-    return processor([row["image"] for row in ds], return_tensors="pt")["pixel_values"]
+    return processor([row["image"] for row in ds], return_tensors="pt")
 
 
 def int8_table(batch: int, samples: int, repeats: int, test_images: int) -> str:
+    """The released MC-Dropout CNN (int8 backbone from 2.1.0, config.int8_backbone) against the same release's float
+    weights (``dequantize()``), T-sample images/s at ``batch``: the predictive with the gate's features given
+    (``domain_features``: the T-sample inference the target is about), and the whole call with the gate's own
+    EfficientNet-Lite0 pass at 128 px (``domain_pixel_values``: what one upload costs)."""
     from hub_models.hub import load_detector
 
     name = "cifake-mcdropout-cnn"
     model, processor = load_detector(name)
-    calibration = cifake_pixels(processor, "train", 512, seed=2)
-    test = cifake_pixels(processor, "test", test_images)
-    x = test[:batch]
     model.eval()
+    if not model.is_quantized:
+        raise SystemExit(f"{name} {model.config.release_version} is not an int8 release (config.int8_backbone)")
+    int8, observers = model.backbone.__dict__["_int8"], model.backbone.int8_observers
+    test = cifake_inputs(processor, "test", test_images)
+    pixels, domain = test["pixel_values"], test["domain_pixel_values"]
+
+    def use(kind: str) -> None:  # switch without rebuilding: dequantize() drops both, put them back for int8
+        model.dequantize()
+        if kind == "int8":
+            model.backbone.int8_observers = observers
+            model.backbone.__dict__["_int8"] = int8
+            model.config.int8_backbone = True
+
     with torch.inference_mode():
-        reference = [model(test[i:i + batch], num_samples=samples) for i in range(0, len(test), batch)]
-        model.quantize_int8(calibration)
-        quantized = [model(test[i:i + batch], num_samples=samples) for i in range(0, len(test), batch)]
-        int8 = model.backbone.__dict__["_int8"]
-        times = {"float": [], "int8": []}
-        for _ in range(2):  # warm-up both
-            model.dequantize(), model(x, num_samples=samples)
-            model.backbone.__dict__["_int8"] = int8
-            model(x, num_samples=samples)
+        features = torch.cat([model.domain_gate.features(domain[i:i + 256]) for i in range(0, len(domain), 256)])
+        outputs = {}
+        for kind in ("int8", "float"):
+            use(kind)
+            outputs[kind] = [model(pixels[i:i + batch], num_samples=samples, domain_features=features[i:i + batch])
+                             for i in range(0, len(pixels), batch)]
+        x, f, d = pixels[:batch], features[:batch], domain[:batch]
+        calls = {"predictive": lambda: model(x, num_samples=samples, domain_features=f),
+                 "with gate pass": lambda: model(x, num_samples=samples, domain_pixel_values=d)}
+        times = {(kind, call): [] for kind in ("int8", "float") for call in calls}
+        for kind in ("int8", "float"):  # warm-up
+            use(kind)
+            for fn in calls.values():
+                fn()
         for _ in range(repeats):
-            model.dequantize()
-            times["float"].append(timed(lambda: model(x, num_samples=samples)))
-            model.backbone.__dict__["_int8"] = int8
-            times["int8"].append(timed(lambda: model(x, num_samples=samples)))
-    diff = max((q.probs[:, 1] - r.probs[:, 1]).abs().max().item() for q, r in zip(quantized, reference))
-    mean_diff = torch.cat([(q.probs[:, 1] - r.probs[:, 1]).abs() for q, r in zip(quantized, reference)]).mean().item()
-    agree = sum(sum(a == b for a, b in zip(model.verdicts(q), model.verdicts(r))) for q, r in zip(quantized, reference))
-    ratio = statistics.median([i / f for i, f in zip(times["int8"], times["float"])])
-    lines = [f"| `{name}` backbone | T={samples} predictive, batch {batch} (ms) | images/s | vs float (median of "
-             f"pairs) | target >= {CNN_TARGET} images/s |", "|---|---:|---:|---:|:---:|"]
-    for kind in ("float", "int8"):
-        t = statistics.median(times[kind])
-        rel = 1.0 if kind == "float" else ratio
-        label = "float (default; goldens)" if kind == "float" else "int8 (opt-in `quantize_int8`)"
-        lines.append(f"| {label} | {1000 * t:.1f} | {batch / t:.0f} | {rel:.2f} | "
-                     f"{'met' if batch / t >= CNN_TARGET else 'MISSED'} |")
-    lines += ["", f"int8 against float on {len(test):,} CIFAKE test images (T={samples}, same seed): max |P(FAKE) "
-              f"change| {diff:.3f}, mean {mean_diff:.4f}; verdicts equal on {agree / len(test):.2%} "
-              f"({len(test) - agree} differ)."]
-    print(f"int8: {ratio:.2f} of float time", file=sys.stderr)
+            for call, fn in calls.items():
+                for kind in ("int8", "float"):  # back to back, so that load from other processes hits both alike
+                    use(kind)
+                    times[kind, call].append(timed(fn))
+    use("int8")
+    released, flt = outputs["int8"], outputs["float"]
+    diff = max((q.probs[:, 1] - r.probs[:, 1]).abs().max().item() for q, r in zip(released, flt))
+    mean_diff = torch.cat([(q.probs[:, 1] - r.probs[:, 1]).abs() for q, r in zip(released, flt)]).mean().item()
+    agree = sum(sum(a == b for a, b in zip(model.verdicts(q), model.verdicts(r))) for q, r in zip(released, flt))
+    version = model.config.release_version
+    lines = [f"| `{name}` {version} backbone | call | T={samples}, batch {batch} (ms) | images/s | vs float (median "
+             f"of pairs) | target >= {CNN_TARGET} images/s |", "|---|---|---:|---:|---:|:---:|"]
+    for call in calls:
+        for kind in ("int8", "float"):
+            t = statistics.median(times[kind, call])
+            rel = statistics.median([i / fl for i, fl in zip(times["int8", call], times["float", call])])
+            label = "int8 (released: `config.int8_backbone`; goldens)" if kind == "int8" else \
+                "float (the same weights, `dequantize()`)"
+            target = ("met" if batch / t >= CNN_TARGET else "MISSED") if call == "predictive" else "n/a"
+            what = ("T-sample predictive, gate features given (`domain_features`)" if call == "predictive"
+                    else "the whole call: + the gate's Lite0 pass at 128 px (`domain_pixel_values`)")
+            lines.append(f"| {label} | {what} | {1000 * t:.1f} | {batch / t:.0f} | "
+                         f"{rel if kind == 'int8' else 1.0:.2f} | {target} |")
+    lines += ["", f"int8 (released) against float weights on {len(pixels):,} CIFAKE test images (T={samples}, same "
+              f"seed): max |P(FAKE) change| {diff:.3f}, mean {mean_diff:.4f}; verdicts equal on "
+              f"{agree / len(pixels):.2%} ({len(pixels) - agree} differ)."]
     return "\n".join(lines)
 
 
@@ -231,7 +259,7 @@ def adaptive_table(images: int, batch: int, samples: int, repeats: int) -> str:
     name = "cifake-vi-bcnn"
     model, processor = load_detector(name)
     model.eval()
-    test = cifake_pixels(processor, "test", images)
+    test = cifake_inputs(processor, "test", images)["pixel_values"]
     totals = {"det": 0.0, "fixed": 0.0, "adaptive": 0.0}
     verdicts = {"fixed": [], "adaptive": []}
     used = []
@@ -337,7 +365,7 @@ def main(argv: list[str] | None = None) -> str:
                         help="also time these released detectors (hub_models/NAME, trained weights, their own size); "
                              "'head-only' stands for every head-only MC detector")
     parser.add_argument("--batches", nargs="+", type=int, default=[64, 256], help="batch sizes of the released rows")
-    parser.add_argument("--int8", action="store_true", help="MC-Dropout CNN images/s, float vs opt-in int8")
+    parser.add_argument("--int8", action="store_true", help="MC-Dropout CNN images/s, int8 (released) vs float")
     parser.add_argument("--int8-test-images", type=int, default=2048, help="CIFAKE test images int8 is compared on")
     parser.add_argument("--adaptive-images", type=int, default=0,
                         help="VI adaptive sampling on the first N CIFAKE test images (0: skip)")

@@ -45,7 +45,9 @@ from bench_sampling import cpu_name  # noqa: E402  (a sibling script: run as pyt
 
 CIFAKE = ROOT.parent / "shared" / "data" / "cifake"
 TEST_PARQUET = CIFAKE / "data" / "test-00000-of-00001.parquet"
-CIFAKE_DETECTORS = "bayesfake/cifake-mcdropout-cnn,bayesfake/cifake-vi-bcnn,bayesfake/cifake-mobilenetv2-ft"
+from hub_models.hub import DEFAULT_REPO_IDS  # noqa: E402
+
+CIFAKE_DETECTORS = ",".join(DEFAULT_REPO_IDS)  # every released detector (all trained on CIFAKE only)
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 BIN = Path(sys.executable).parent
 
