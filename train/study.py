@@ -181,43 +181,42 @@ def cell_id(cell: dict) -> str:
 
 def planned_cells(cfg: StudyConfig, logo_generators: list[str]) -> list[dict]:
     """Every cell of the study, in the order they run (most important first, so a partial run has the core): the
-    unreduced main grid, crops, shortcut, leave-one-generator-out, transforms, then the main grid's reductions."""
-    cells, reduced = [], []
+    unreduced main grid, the other experiments in the order ``cfg.experiments`` lists them, then the main grid's
+    reductions."""
+    by_experiment: dict[str, list[dict]] = {name: [] for name in EXPERIMENTS}
+    reduced = []
     base = dict(train_tf="none", test_tf="none", geometry="centre", holdout="")
-    if "main" in cfg.experiments:
-        for backbone in cfg.backbones:
-            for train in ("wild", "cifake"):
-                for reduction in cfg.reductions:
-                    for clf in cfg.classifiers:
-                        (cells if reduction == "none" else reduced).append(
-                            dict(base, experiment="main", backbone=backbone, train=train, classifier=clf,
-                                 reduction=reduction))
-    if "crops" in cfg.experiments:
-        for backbone in cfg.crops_backbones:
-            for clf in cfg.crops_classifiers:
-                cells.append(dict(base, experiment="crops", backbone=backbone, train="wild", classifier=clf,
-                                  reduction="none", geometry="crops5"))
-    if "shortcut" in cfg.experiments:
-        for backbone in cfg.shortcut_backbones:
-            for geometry in ("squash", "lowres"):
-                for clf in cfg.shortcut_classifiers:
-                    cells.append(dict(base, experiment="shortcut", backbone=backbone, train="wild", classifier=clf,
-                                      reduction="none", geometry=geometry))
-    if "logo" in cfg.experiments:
-        for backbone in cfg.logo_backbones:
-            for generator in logo_generators:
-                for clf in cfg.logo_classifiers:
-                    cells.append(dict(base, experiment="logo", backbone=backbone, train="wild", classifier=clf,
-                                      reduction="none", holdout=generator))
-    if "transform" in cfg.experiments:
-        for backbone in cfg.transform_backbones:
-            for train in ("wild", "cifake"):
-                for train_tf in cfg.transforms:
-                    for clf in cfg.transform_classifiers:
-                        # One fit per train transform; it is tested under every test transform (the cell's test sets).
-                        cells.append(dict(base, experiment="transform", backbone=backbone, train=train,
-                                          classifier=clf, reduction="none", train_tf=train_tf, test_tf="all"))
-    return cells + reduced
+    for backbone in cfg.backbones:
+        for train in ("wild", "cifake"):
+            for reduction in cfg.reductions:
+                for clf in cfg.classifiers:
+                    (by_experiment["main"] if reduction == "none" else reduced).append(
+                        dict(base, experiment="main", backbone=backbone, train=train, classifier=clf,
+                             reduction=reduction))
+    for backbone in cfg.crops_backbones:
+        for clf in cfg.crops_classifiers:
+            by_experiment["crops"].append(dict(base, experiment="crops", backbone=backbone, train="wild",
+                                               classifier=clf, reduction="none", geometry="crops5"))
+    for backbone in cfg.shortcut_backbones:
+        for geometry in ("squash", "lowres"):
+            for clf in cfg.shortcut_classifiers:
+                by_experiment["shortcut"].append(dict(base, experiment="shortcut", backbone=backbone, train="wild",
+                                                      classifier=clf, reduction="none", geometry=geometry))
+    for backbone in cfg.logo_backbones:
+        for generator in logo_generators:
+            for clf in cfg.logo_classifiers:
+                by_experiment["logo"].append(dict(base, experiment="logo", backbone=backbone, train="wild",
+                                                  classifier=clf, reduction="none", holdout=generator))
+    for backbone in cfg.transform_backbones:
+        for train in ("wild", "cifake"):
+            for train_tf in cfg.transforms:
+                for clf in cfg.transform_classifiers:
+                    # One fit per train transform; it is tested under every test transform (the cell's test sets).
+                    by_experiment["transform"].append(dict(base, experiment="transform", backbone=backbone,
+                                                           train=train, classifier=clf, reduction="none",
+                                                           train_tf=train_tf, test_tf="all"))
+    cells = [c for name in cfg.experiments for c in by_experiment[name]]
+    return cells + (reduced if "main" in cfg.experiments else [])
 
 
 class Store:
