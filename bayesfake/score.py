@@ -257,6 +257,22 @@ def source_size(source: str | os.PathLike, split: str | None = None) -> int | No
 # Detectors
 
 
+def network_digest(module) -> str:
+    """sha256 of a network's weights (names, dtypes, shapes and values): equal digests, equal networks."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def input_key(processor) -> tuple:
+    """What a processor makes of an image: side, normalisation and resampling."""
+    return (processor.size, tuple(processor.image_mean), tuple(processor.image_std), str(processor.resample))
+
+
 class Detector:
     """A loaded detector with its processor and the settings it scores with."""
 
@@ -278,6 +294,21 @@ class Detector:
         # input it would judge the small thumbnail (much weaker). None: no gate, or a gate on the model's features.
         self.domain_processor = (self.processor.domain_processor()
                                  if getattr(self.processor, "domain_size", None) is not None else None)
+        self.shared_route = self._shared_route()
+
+    def _shared_route(self) -> tuple[str, tuple] | None:
+        """Which frozen network's features this detector can take from another detector that computed them on the
+        same images: ``("gate", key)`` for a domain gate with its own extractor (passed as ``domain_features``),
+        ``("backbone", key)`` for a timm backbone (passed to ``forward_features``). ``key`` names the network's
+        weights (a digest of their values) and its input (size, normalisation, resampling), so only identical
+        features are shared: the five EfficientNet-Lite0 heads and the three gates' extractors are one ImageNet
+        Lite0 at 128 px, which then runs once per image instead of eight times. None: nothing to share."""
+        model = self.model
+        if model.domain_gate is not None and model.domain_gate.extractor is not None:
+            return "gate", (network_digest(model.domain_gate.extractor), input_key(self.domain_processor))
+        if hasattr(model.backbone, "model") and not model.backbone_stochastic and not self.adaptive:
+            return "backbone", (network_digest(model.backbone.model), input_key(self.processor))
+        return None
 
     def fields(self) -> list[pa.Field]:
         c = self.column
@@ -288,8 +319,10 @@ class Detector:
                   pa.field(f"{c}/num_samples", pa.int32())]
         return fields + [pa.field(f"{c}/{field}", kind) for field, kind in DOMAIN_FIELDS]
 
-    def score(self, images: list) -> tuple[dict[int, dict], dict[int, str]]:
-        """Score decoded PIL images (None entries are skipped): per position its columns, or the error."""
+    def score(self, images: list, shared: dict | None = None) -> tuple[dict[int, dict], dict[int, str]]:
+        """Score decoded PIL images (None entries are skipped): per position its columns, or the error. ``shared``:
+        features of frozen networks already computed on these images by other detectors (see ``_shared_route``),
+        filled with this detector's own; one dict per batch of images."""
         import torch
 
         arrays, domain_arrays, positions, errors = [], [], [], {}
@@ -316,10 +349,21 @@ class Detector:
         kwargs = dict(num_samples=self.num_samples, seed=self.seed)
         if self.adaptive:
             kwargs["adaptive"] = True
+        route, features = self.shared_route, None
+        if route is not None and shared is not None:
+            slot = (route[1], tuple(positions))  # a gate and a backbone of the same network share too
+            if slot not in shared:
+                network = self.model.domain_gate.features if route[0] == "gate" else self.model.backbone
+                with torch.inference_mode():
+                    shared[slot] = network((domain if route[0] == "gate" else pixels).to(self.device))
+            features = shared[slot]
 
         def run(rows):
-            extra = {} if domain is None else {"domain_pixel_values": domain[rows].to(self.device)}
             with torch.inference_mode():
+                if features is not None and route[0] == "backbone":
+                    return self.model.forward_features(features[rows], **kwargs)
+                extra = ({"domain_features": features[rows]} if features is not None else
+                         {} if domain is None else {"domain_pixel_values": domain[rows].to(self.device)})
                 return self.model(pixels[rows].to(self.device), **extra, **kwargs)
 
         try:
@@ -570,9 +614,10 @@ def score_chunk(records: list[Record], detectors: list[Detector], schema: pa.Sch
             row.update(_evidence_columns(record.data))
         rows.append(row)
     images = [image for image, _ in decoded]
+    shared = {start: {} for start in range(0, len(images), batch_size)}  # frozen features, per batch of images
     for detector in detectors:
         for start in range(0, len(images), batch_size):
-            results, errors = detector.score(images[start:start + batch_size])
+            results, errors = detector.score(images[start:start + batch_size], shared[start])
             for position, columns in results.items():
                 rows[start + position].update(columns)
             for position, error in errors.items():

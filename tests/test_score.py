@@ -174,6 +174,37 @@ def test_gated_detectors_write_their_domain_check_and_the_headline(gated, tmp_pa
     assert abs(written - thumbnail_only) > 1e-3 * written
 
 
+def test_detectors_share_one_frozen_lite0_pass_and_answer_as_alone(gated, tmp_path, monkeypatch):
+    """A Lite0 head and two gated CNNs (whose gates ship the same ImageNet Lite0 at 128 px): the Lite0 network runs
+    once per batch of images, not three times, and every detector writes what it answers alone."""
+    import timm.models.efficientnet as effnet
+
+    names = ["bayesfake/effnetlite0-linear", "bayesfake/cifake-mcdropout-cnn", "bayesfake/cifake-vi-bcnn"]
+    root = gated_folder(tmp_path / "images")  # 8 images: CIFAKE examples and two larger pictures
+    calls = []
+    forward = effnet.EfficientNet.forward
+
+    def counted(self, x):
+        calls.append(x.shape[0])
+        return forward(self, x)
+
+    monkeypatch.setattr(effnet.EfficientNet, "forward", counted)
+    out = tmp_path / "shared.parquet"
+    run(root, out, detectors=names, num_samples=None, evidence=False, batch_size=3)
+    assert calls == [3, 3, 2]  # one Lite0 pass per batch, for all three detectors
+    rows = rows_of(out)
+    assert len(rows) == 8 and all(r["error"] is None for r in rows)
+    for name in names:
+        model, processor = load_detector(name)
+        column = Path(name).name
+        for row in rows:
+            with torch.no_grad():
+                alone = model(**processor((root / row["key"]).read_bytes(), return_tensors="pt"))
+            assert row[f"{column}/p_fake"] == pytest.approx(alone.probs[0, 1].item(), abs=1e-5)
+            assert row[f"{column}/domain_score"] == pytest.approx(alone.domain_score[0].item(), rel=1e-5)
+            assert row[f"{column}/verdict"] == model.verdicts(alone)[0]
+
+
 def test_rows_of_an_older_run_without_the_domain_and_headline_columns_are_kept(gated, tmp_path, caplog):
     """An OUT written before the domain and headline columns existed (and before the settings named the releases):
     a resume keeps its rows, leaves their domain columns null (not measured) and computes their headline from their
