@@ -61,8 +61,9 @@ COPY_KINDS: dict[str, Callable[[Image.Image], Image.Image]] = {
 }
 # Chosen on the CIFAKE validation split (never test) by ``python benchmarks/bench_copies.py`` (stage 1: the best pooled
 # answered accuracy on the laundered validation sets with no answering detector losing more than 5 points of clean
-# coverage). Stronger copies (down-up, crops, blur) cost 15-35 points of clean coverage: the detectors' answers on
-# clean 32 px images move under resampling too. See benchmarks/results_copies.md.
+# coverage). A single down-up, crop or blur copy already costs one detector 11-25 points of clean validation coverage
+# (three together 20-35): the detectors' answers on clean 32 px images move under resampling too. See
+# benchmarks/results_copies.md.
 DEFAULT_COPIES: tuple[str, ...] = ("jpeg90",)
 
 VerdictsOf = Callable[[list[Image.Image]], list[str]]
