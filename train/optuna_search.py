@@ -15,8 +15,8 @@ Resumable and time-budgeted: the study lives in a SQLite file (``--storage``); t
 ``--budget-minutes`` is the budget of the whole study over every invocation. No trial starts once it is spent; a trial
 still running when it runs out stops at its next epoch end (so the budget can be overrun by at most one epoch) and is
 queued again with the same parameters, to resume from its checkpoint next time. A trial killed with its process is
-failed and retried with the same parameters by Optuna's heartbeat (``RetryFailedTrialCallback``) once its heartbeat is
-older than ``GRACE_SECONDS``. One process per study at a time.
+failed and retried with the same parameters by Optuna's heartbeat (``RetryHeartbeatStaleTrialCallback``) once its
+heartbeat is older than ``GRACE_SECONDS``. One process per study at a time.
 
 Every invocation writes the results table (Markdown + JSON, all trials, best first) and, with two finished trials or
 more, the parameter-importance plot (Optuna's fANOVA importances) to ``train/results/``.
@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import optuna
-from optuna.storages import RDBStorage, RetryFailedTrialCallback
+from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 
 from train.calibration import calibrate_on_validation
@@ -63,7 +63,7 @@ def open_study(storage: str, name: str, seed: int) -> optuna.Study:
     again."""
     Path(storage).parent.mkdir(parents=True, exist_ok=True)
     rdb = RDBStorage(f"sqlite:///{storage}", heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
-                     failed_trial_callback=RetryFailedTrialCallback(max_retry=3))
+                     heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3))
     study = optuna.create_study(storage=rdb, study_name=name, direction="minimize", load_if_exists=True,
                                 pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0))
     study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
