@@ -293,3 +293,23 @@ def test_optuna_study_is_budgeted_resumable_and_reports(tmp_path, tiny_weights, 
     # A spent budget starts nothing.
     again = optuna_search.run_study(str(path), [], spent / 60, storage, root, trials=2)
     assert len(again.trials) == len(study.trials)
+
+
+def test_domain_gate_on_a_greyscale_autoencoders_own_features_scores_what_forward_scores(one_thread):
+    """The gate is fitted and thresholded on the features the forward pass reads (the luminance's), so its scores in
+    training-side code equal the model's own domain_score."""
+    from hub_models import BayesFakeImageProcessor
+    from train.domain import attach_domain_gate, choose_domain_threshold, domain_scores, fit_domain_gate
+
+    model = tiny_model(greyscale=True)
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (60, SIZE, SIZE, 3), dtype=np.uint8)
+    attach_domain_gate(model, "features")
+    fit_domain_gate(model, pixels[:40], np.arange(40) % 2, progress=False)
+    choose_domain_threshold(model, pixels[40:], progress=False)
+    processor = BayesFakeImageProcessor.from_config(model.config)
+    x = processor.normalize_uint8(torch.from_numpy(pixels[40:]).permute(0, 3, 1, 2))
+    out = model(x)
+    np.testing.assert_allclose(out.domain_score.numpy(), domain_scores(model, pixels[40:], progress=False),
+                               rtol=1e-5)
+    assert out.reconstruction_error.shape == (20,) and out.in_domain.sum() >= 19

@@ -93,9 +93,11 @@ def gate_features(model, inputs, batch_size: int = 256, progress: bool = True, c
         return content_features(model, np.asarray(inputs), "gate", progress)
     if gate.extractor is not None:
         return extractor_features(model, np.asarray(inputs), batch_size, progress)
-    # A gate on the detector's own features, images not cached.
+    # A gate on the detector's own features, images not cached: the features its forward pass gives the head (a
+    # greyscale autoencoder's encoder sees the luminance, not the pixels as given).
     return batched_features(model, gate_images(model, np.asarray(inputs)),
-                            BayesFakeImageProcessor.from_config(model.config), model.backbone, batch_size, progress)
+                            BayesFakeImageProcessor.from_config(model.config),
+                            lambda x: model.sample_features(x, 1, stochastic=False), batch_size, progress)
 
 
 @torch.no_grad()
