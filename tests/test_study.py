@@ -138,6 +138,14 @@ def test_store_ignores_a_torn_last_line(tmp_path):
     assert Store(tmp_path / "r.jsonl").records == {"a": {"id": "a", "x": 1}}
 
 
+def test_two_workers_on_one_store_see_each_others_cells(tmp_path):
+    mine, other = Store(tmp_path / "r.jsonl"), Store(tmp_path / "r.jsonl")
+    other.put("c", {"x": 2})
+    assert mine.get("c") is None
+    mine.refresh()
+    assert mine.get("c") == {"id": "c", "x": 2}
+
+
 def _dataset(folder, splits: dict[str, list[tuple[int, str, str]]], size, seed):
     """A parquet data set in the layout of ../shared/data (image {bytes, path}, label, source, generator, sha1)."""
     rng = np.random.default_rng(seed)
@@ -185,7 +193,7 @@ def test_study_runs_end_to_end_resumes_and_reports(tmp_path, monkeypatch, one_th
     for section in ("train on A, test on B", "Shortcut check", "Leave one generator out", "Five crops",
                     "Transforms at train time"):
         assert section in report
-    assert "2 invocation(s)" in report
+    assert "2 recorded invocation(s)" in report
     rows = (tmp_path / "report" / "results.csv").read_text().splitlines()
     header = rows[0].split(",")
     assert {"acc", "auroc", "ece", "err_auroc"} <= set(header)

@@ -236,6 +236,10 @@ class Store:
                     continue
                 self.records[record["id"]] = record
 
+    def refresh(self) -> None:
+        """Re-read the file: another worker may have appended cells since."""
+        self.__init__(self.path)
+
     def get(self, key: str) -> dict | None:
         return self.records.get(key)
 
@@ -413,8 +417,9 @@ def _path(p: str) -> str:
     return p if Path(p).is_absolute() or Path(p).exists() else str(ROOT / p)
 
 
-def run_study(cfg: StudyConfig, progress: bool = True, max_cells: int = 0) -> dict:
-    """Run (or resume) every cell of ``cfg``; write the report. Returns timing and counts."""
+def run_study(cfg: StudyConfig, progress: bool = True, max_cells: int = 0, last_first: bool = False) -> dict:
+    """Run (or resume) every cell of ``cfg``; write the report. Returns timing and counts. ``last_first``: take the
+    remaining cells from the end (a second worker on the same store; each skips what the other has stored)."""
     from train.study_report import write_report
 
     start = time.time()
@@ -443,7 +448,12 @@ def run_study(cfg: StudyConfig, progress: bool = True, max_cells: int = 0) -> di
                                      round(study.extraction_seconds, 1), "command": cfg.command,
                                      "finished": finished})
 
+    if last_first:
+        todo = todo[::-1]
     for cell in tqdm(todo, desc="study cells", unit="cell", disable=not progress):
+        study.store.refresh()
+        if study.store.get(cell_id(cell)) is not None:  # done meanwhile by another worker on the same store
+            continue
         record = study.run_cell(cell)
         study.store.put(cell_id(cell), record)
         computed += 1
@@ -453,7 +463,8 @@ def run_study(cfg: StudyConfig, progress: bool = True, max_cells: int = 0) -> di
         study.store.put(meta_key, {"probe": shortcut_metadata_probe(study)})
     seconds = time.time() - start
     record_time(True)
-    paths = write_report(cfg, study.store, refused, cells)
+    counts = {name: (len(study.sets[name]), int(study.sets[name].labels.sum())) for name in ("cifake_test", "wild_test")}
+    paths = write_report(cfg, study.store, refused, cells, counts)
     return {"seconds": seconds, "computed": computed, "reused": done_before, "refused": refused, "report": paths}
 
 
@@ -464,6 +475,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m train.study") -> 
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
     parser.add_argument("--max-cells", type=int, default=0, help="stop after computing this many new cells")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--last-first", action="store_true",
+                        help="take the remaining cells from the end: a second worker on the same store")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     import torch
 
@@ -471,7 +484,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m train.study") -> 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_study_config(args.config, args.set)
     cfg.command = " ".join([prog, *(sys.argv[1:] if argv is None else argv)])
-    result = run_study(cfg, max_cells=args.max_cells)
+    result = run_study(cfg, max_cells=args.max_cells, last_first=args.last_first)
     minutes = result["seconds"] / 60
     print(f"study {cfg.name}: {result['computed']} cells computed, {result['reused']} reused from "
           f"{cfg.store}, took {result['seconds']:.0f} s ({minutes:.1f} min); report: {result['report']}")

@@ -81,13 +81,18 @@ def heatmap(matrix: np.ndarray, rows: list[str], cols: list[str], title: str, pa
     save_figure(fig, path)
 
 
-def _timing(store) -> tuple[list[dict], float]:
-    runs = [r for r in store.records.values() if r["id"].startswith('{"started"') or '"timing"' in r["id"]]
-    return runs, sum(r["seconds"] for r in runs)
+def _timing(store) -> tuple[list[dict], float, float]:
+    """The recorded invocations, the sum of their times, and the span from the first start to the last end (shorter
+    than the sum when workers ran side by side)."""
+    runs = [r for r in store.records.values() if '"timing"' in r["id"]]
+    starts = [json.loads(r["id"])["started"] for r in runs]
+    span = max(s + r["seconds"] for s, r in zip(starts, runs)) - min(starts) if runs else 0.0
+    return runs, sum(r["seconds"] for r in runs), span
 
 
-def write_report(cfg, store, refused: dict, cells: list[dict]) -> list[str]:
-    """Write results.csv, results.md and the heatmaps into ``cfg.out_dir``; return the paths written."""
+def write_report(cfg, store, refused: dict, cells: list[dict], test_counts: dict | None = None) -> list[str]:
+    """Write results.csv, results.md and the heatmaps into ``cfg.out_dir``; return the paths written.
+    ``test_counts``: {test set: (images, FAKE images)}, for the majority-class baseline next to the accuracies."""
     from train.study import cell_id  # the store's key of a cell
 
     out = Path(cfg.out_dir)
@@ -106,6 +111,11 @@ def write_report(cfg, store, refused: dict, cells: list[dict]) -> list[str]:
         writer.writerows(rows)
     written.append(str(out / "results.csv"))
     lines = _header(cfg, store, refused, len(cells), len(records), missing)
+    if test_counts:
+        lines += ["Test sets (accuracy is read against the majority class; ROC-AUC is not affected by it): "
+                  + "; ".join(f"{name} {n} images, {fake} FAKE (always answering "
+                              f"{'FAKE' if fake >= n - fake else 'REAL'} scores {max(fake, n - fake) / n:.3f})"
+                              for name, (n, fake) in test_counts.items()), ""]
     lines += _main_section(rows, out, written)
     lines += _shortcut_section(rows, store)
     lines += _logo_section(rows)
@@ -117,7 +127,7 @@ def write_report(cfg, store, refused: dict, cells: list[dict]) -> list[str]:
 
 
 def _header(cfg, store, refused, n_cells, n_done, missing) -> list[str]:
-    runs, total = _timing(store)
+    runs, total, span = _timing(store)
     extraction = sum(r.get("extraction_seconds", 0) for r in runs)
     cell_seconds = sum(r.get("seconds", 0) for r in store.records.values() if "cell" in r)
     lines = [f"# The backbone x classifier study ({cfg.name})", "",
@@ -126,9 +136,10 @@ def _header(cfg, store, refused, n_cells, n_done, missing) -> list[str]:
              f"- Command: `{cfg.command or 'bayesfake study train/configs/study/' + cfg.name + '.yaml'}`",
              f"- Cells: {n_done} of {n_cells} finished" + (f" ({missing} not yet computed: a partial run; rerun the "
                                                           "command to finish it)" if missing > 0 else ""),
-             f"- Time: {total:.0f} s ({total / 60:.1f} min) over {len(runs)} invocation(s) of the command "
-             f"(feature extraction and loading {extraction:.0f} s, fitting and scoring cells {cell_seconds:.0f} s), "
-             "1 torch / OpenMP thread on a 2-core machine shared with other jobs (so slower than on a quiet machine)",
+             f"- Time: {total:.0f} s ({total / 60:.1f} min) summed over {len(runs)} recorded invocation(s) of the "
+             f"command, {span / 60:.1f} min from the first start to the last end (feature extraction and loading "
+             f"{extraction:.0f} s, fitting and scoring cells {cell_seconds:.0f} s), each with 1 torch / OpenMP thread "
+             "on a 2-core machine shared with other jobs (so slower than on a quiet machine)",
              f"- Data: CIFAKE subsets (balanced, seed {cfg.seed}) train {cfg.cifake_train}, val {cfg.cifake_val} from "
              f"CIFAKE train; test {cfg.cifake_test} from CIFAKE test. wild: train split carved into train / val "
              f"({cfg.wild_val_fraction:.0%} of each generator and of the real photos, seed {cfg.seed}); test = wild "
