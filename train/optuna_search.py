@@ -89,7 +89,7 @@ def make_objective(config: str, overrides: list[str], root: Path, deadline: floa
             if metrics["epoch"] < cfg.epochs and time.time() > deadline:
                 trial.study.enqueue_trial(params, user_attrs={"resumes": trial.number})
                 raise BudgetSpent(f"trial {trial.number}: budget spent after epoch {metrics['epoch']}")
-            if trial.should_prune():
+            if metrics["epoch"] < cfg.epochs and trial.should_prune():  # a finished run is scored, not pruned
                 raise optuna.TrialPruned(f"val/nll {metrics['val/nll']:.4f} at epoch {metrics['epoch']}")
 
         result = train(cfg, resume=find_checkpoint(out_dir / "checkpoint") is not None, progress=progress,
@@ -109,10 +109,15 @@ def make_objective(config: str, overrides: list[str], root: Path, deadline: floa
 
 
 def results_rows(study: optuna.Study) -> list[dict]:
-    """One row per trial: finished ones first, best (lowest calibrated validation NLL) first."""
+    """One row per trial: finished ones first, best (lowest calibrated validation NLL) first; a pruned trial shows the
+    uncalibrated validation NLL it was stopped on, and after which epoch."""
     rows = []
     for t in study.trials:
-        row = {"trial": t.number, "state": t.state.name, "val/nll_calibrated": t.value}
+        complete = t.state == TrialState.COMPLETE
+        last_epoch = max(t.intermediate_values) if t.intermediate_values else None
+        row = {"trial": t.number, "state": t.state.name, "val/nll_calibrated": t.value if complete else None,
+               "stopped at (epoch: val/nll)": None if complete or last_epoch is None else
+               f"{last_epoch + 1}: {t.intermediate_values[last_epoch]:.4f}"}
         row.update({f"{name} ({SEARCH_SPACE[name][0]})": t.params.get(name) for name in SEARCH_SPACE})
         row.update({k: t.user_attrs.get(k) for k in ("val/acc@0.5", "val/nll", "val/ece_calibrated", "threshold",
                                                      "train_seconds")})
@@ -134,7 +139,8 @@ def write_results(study: optuna.Study, out: Path, command: str) -> Path | None:
     plot = None
     if len(done) >= 2:
         importances = optuna.importance.get_param_importances(study)
-        lines += ["Parameter importance (fANOVA): " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()), ""]
+        lines += [f"Parameter importance (fANOVA over the {len(done)} finished trials; few trials make it a rough "
+                  "guide): " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()), ""]
         plot = out.with_name(out.stem + "-importance.png")
         plot_importances(importances, plot, study.study_name)
     lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
