@@ -77,7 +77,8 @@ class AutoencoderReducer(TransformerMixin, BaseEstimator):
 
     def __init__(self, dim: int = 64, hidden: int = 256, epochs: int = 60, lr: float = 1e-3, batch_size: int = 128,
                  seed: int = 0):
-        self.dim, self.hidden, self.epochs, self.lr, self.batch_size, self.seed = dim, hidden, epochs, lr, batch_size, seed
+        self.dim, self.hidden, self.epochs, self.lr = dim, hidden, epochs, lr
+        self.batch_size, self.seed = batch_size, seed
 
     @torch.enable_grad()
     def fit(self, x, y=None):

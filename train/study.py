@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 
 from train.classical import CALIBRATIONS, CLASSIFIERS, REDUCTIONS, fit_predict, make_reducer
 from train.metrics import compute_metrics
-from train.study_data import GEOMETRIES, TRANSFORMS, ImageSet, load_cifake, load_wild, view_features
+from train.study_data import TRANSFORMS, ImageSet, load_cifake, load_wild, view_features
 
 log = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,23 +82,24 @@ class StudyConfig:
     cifake_test: int = 1000
     wild_val_fraction: float = 0.2  # of wild train, per generator (and of the real photos)
     seed: int = 0
-    backbones: list = field(default_factory=lambda: [*TIMM_BACKBONES, CIFAKE_CNN])
+    backbones: list = field(default_factory=lambda: [CIFAKE_CNN, "mobilenetv2_100", "tf_efficientnet_lite0",
+                                                     "tf_efficientnet_lite2"])
     classifiers: list = field(default_factory=lambda: list(CLASSIFIERS))
     reductions: list = field(default_factory=lambda: list(REDUCTIONS))
     reduction_dims: list = field(default_factory=lambda: [16, 64, 256])  # PCA size candidates, chosen on val
     bootstrap: int = 5  # ensemble members = samples of the predictive
     calibration: str = "sigmoid"  # or "isotonic"
-    experiments: list = field(default_factory=lambda: list(EXPERIMENTS))
+    experiments: list = field(default_factory=lambda: ["main", "shortcut", "crops", "logo", "transform"])  # run order
     # The smaller experiments run on a few backbones and classifiers (the full cross would not fit the budget).
-    logo_backbones: list = field(default_factory=lambda: ["tf_efficientnet_lite0", "tf_efficientnet_lite2"])
-    logo_classifiers: list = field(default_factory=lambda: ["logistic", "lda", "svm_rbf", "knn5", "random_forest"])
-    shortcut_backbones: list = field(default_factory=lambda: ["tf_efficientnet_lite0", "tf_efficientnet_lite2"])
+    logo_backbones: list = field(default_factory=lambda: ["mobilenetv2_100"])
+    logo_classifiers: list = field(default_factory=lambda: ["logistic", "lda", "svm_rbf"])
+    shortcut_backbones: list = field(default_factory=lambda: ["mobilenetv2_100"])
     shortcut_classifiers: list = field(default_factory=lambda: ["logistic", "lda", "svm_rbf", "knn5"])
-    transform_backbones: list = field(default_factory=lambda: ["mobilenetv2_100"])
+    transform_backbones: list = field(default_factory=lambda: [CIFAKE_CNN])
     transform_classifiers: list = field(default_factory=lambda: ["logistic", "lda", "svm_rbf"])
     transforms: list = field(default_factory=lambda: list(TRANSFORMS))
-    crops_backbones: list = field(default_factory=lambda: ["tf_efficientnet_lite2"])
-    crops_classifiers: list = field(default_factory=lambda: ["logistic", "lda", "svm_linear", "svm_rbf", "knn5"])
+    crops_backbones: list = field(default_factory=lambda: ["mobilenetv2_100"])
+    crops_classifiers: list = field(default_factory=lambda: ["logistic", "lda", "svm_rbf", "knn5"])
     store: str = "runs/study/results.jsonl"
     out_dir: str = "train/results/study"
     command: str = ""  # how the study was run, for the report (filled in by main)
@@ -153,8 +154,8 @@ def load_backbone(name: str, weights_dir: str):
     if name in UNAVAILABLE_BACKBONES:
         raise BackboneUnavailable(
             f"backbone {name!r} ({UNAVAILABLE_BACKBONES[name]}) is a name of the reference study, but its weights are "
-            f"not obtainable offline here (no model hub, not in {weights_dir}); the study runs on {list(TIMM_BACKBONES)}"
-            f" and {CIFAKE_CNN!r}")
+            f"not obtainable offline here (no model hub, not in {weights_dir}); the study runs on "
+            f"{list(TIMM_BACKBONES)} and {CIFAKE_CNN!r}")
     if name == CIFAKE_CNN:
         folder = ROOT / CIFAKE_CNN_FOLDER
         model = BayesFakeDetector.from_pretrained(folder)
@@ -386,9 +387,9 @@ class Study:
 def shortcut_metadata_probe(study: Study) -> dict:
     """How much the stored image size alone (width, height, aspect ratio, pixel count of the stored JPEG) tells REAL
     from FAKE on wild: a random forest fitted on wild train, ROC-AUC and accuracy on wild val and test."""
-    from PIL import Image
     import io
 
+    from PIL import Image
     from sklearn.ensemble import RandomForestClassifier
 
     from train.metrics import auroc
@@ -463,7 +464,8 @@ def run_study(cfg: StudyConfig, progress: bool = True, max_cells: int = 0, last_
         study.store.put(meta_key, {"probe": shortcut_metadata_probe(study)})
     seconds = time.time() - start
     record_time(True)
-    counts = {name: (len(study.sets[name]), int(study.sets[name].labels.sum())) for name in ("cifake_test", "wild_test")}
+    counts = {name: (len(study.sets[name]), int(study.sets[name].labels.sum()))
+              for name in ("cifake_test", "wild_test")}
     paths = write_report(cfg, study.store, refused, cells, counts)
     return {"seconds": seconds, "computed": computed, "reused": done_before, "refused": refused, "report": paths}
 

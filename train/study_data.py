@@ -1,8 +1,9 @@
 """The study's images and their frozen-backbone features: CIFAKE subsets, the wild set, transforms and geometries.
 
-Images are kept as their stored bytes and decoded when a view is built, at their stored size (CIFAKE 32x32; wild up to 512 px on the longer side, of any
-aspect ratio). A *view* of a split is (transform, geometry): the transform is applied at the stored resolution (what
-happens to a file on its way around the web), then the geometry turns the image into the backbone's square input:
+Images are kept as their stored bytes and decoded when a view is built, at their stored size (CIFAKE 32x32; wild up
+to 512 px on the longer side, of any aspect ratio). A *view* of a split is (transform, geometry): the transform is
+applied at the stored resolution (what happens to a file on its way around the web), then the geometry turns the
+image into the backbone's square input:
 
 - ``centre``: the detectors' own preprocessing (resize the shorter side to S, centre-crop S x S);
 - ``squash``: the whole frame resized to S x S, aspect ratio distorted (keeps what centre-cropping hides: the frame);
