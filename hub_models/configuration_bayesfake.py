@@ -28,6 +28,9 @@ DOMAIN_OWN_FEATURES = "features"
 # How ``threshold`` is chosen on validation (train.calibration.choose_thresholds): F1 of the FAKE class, Youden's J
 # (TPR - FPR, the ROC point farthest above the diagonal), or a plain 0.5.
 THRESHOLD_RULES = ("f1_optimal", "youden_j", "0.5")
+# How the image processor turns one image into views at ``image_size`` (see ``BayesFakeConfig.view_layout``) and how
+# many each layout makes: "center" is the one thumbnail every detector before the full-size one sees.
+VIEW_LAYOUTS = {"center": 1, "whole_corners": 5, "five_crop": 5, "whole_five_crop": 6}
 
 
 class BayesFakeConfig(PretrainedConfig):
@@ -78,6 +81,14 @@ class BayesFakeConfig(PretrainedConfig):
             at load from the float weights and the activation ranges calibrated at release (stored as weights under
             ``backbone.int8_observers``), so every load gives the same int8 network and the same outputs. About 4x the
             float backbone's speed on CPU; a release that sets it was evaluated, certified and exported in int8.
+        view_layout: how an image of any size becomes ``num_views`` views at ``image_size`` px, one of
+            ``VIEW_LAYOUTS``: "center" (one view: shorter side resized, centre-cropped), or views of a copy whose
+            longer side is at most ``view_max_side`` px ("whole_corners": the whole copy resized and centre-cropped
+            plus its four corner crops at native scale; "five_crop": its four corners and its centre;
+            "whole_five_crop": all six). With more than one view ``pixel_values`` is [B, K, 3, S, S]: the frozen
+            backbone runs once per view, the K features are averaged, and only the head is sampled.
+        view_max_side: longer side (px) of the copy the views are cut from (multi-view layouts only): the scale of
+            the training images, so a 4000x3000 phone photo is judged at the scale the detector learned.
     """
 
     model_type = "bayesfake"
@@ -119,6 +130,8 @@ class BayesFakeConfig(PretrainedConfig):
         decoder_widths: list[int] | tuple[int, ...] = (),
         greyscale: bool = False,
         threshold_rule: str = "f1_optimal",
+        view_layout: str = "center",
+        view_max_side: int = 512,
         **kwargs,
     ):
         kwargs.setdefault("id2label", {0: "REAL", 1: "FAKE"})
@@ -158,6 +171,8 @@ class BayesFakeConfig(PretrainedConfig):
         self.decoder_widths = [int(w) for w in decoder_widths]
         self.greyscale = greyscale
         self.threshold_rule = threshold_rule
+        self.view_layout = view_layout
+        self.view_max_side = view_max_side
         super().__init__(**kwargs)
         self.validate_bayesfake()
 
@@ -242,6 +257,12 @@ class BayesFakeConfig(PretrainedConfig):
             fail("greyscale", "only autoencoder detectors (decoder_widths set) have a greyscale variant")
         if self.threshold_rule not in THRESHOLD_RULES:
             fail("threshold_rule", f"must be one of {THRESHOLD_RULES}")
+        if self.view_layout not in VIEW_LAYOUTS:
+            fail("view_layout", f"must be one of {tuple(VIEW_LAYOUTS)}")
+        if self.view_layout != "center" and self.backbone == SCRATCH_CNN:
+            fail("view_layout", "multi-view input is for a frozen timm backbone (the views' features are averaged)")
+        if not positive_int(self.view_max_side, least=8):
+            fail("view_max_side", "must be an integer >= 8")
         if self.num_labels != 2:
             fail("num_labels", "a BayesFake detector has exactly two labels, REAL (0) and FAKE (1)")
 
@@ -249,6 +270,11 @@ class BayesFakeConfig(PretrainedConfig):
     def training_image_size(self) -> int:
         """Side of the images the detector learned from, before they were resized to ``image_size``."""
         return self.image_size if self.source_image_size is None else self.source_image_size
+
+    @property
+    def num_views(self) -> int:
+        """K, the views of one image in ``pixel_values`` [B, K, 3, S, S] (1: the plain [B, 3, S, S])."""
+        return VIEW_LAYOUTS[self.view_layout]
 
     @property
     def stochastic(self) -> bool:

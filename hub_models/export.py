@@ -186,8 +186,9 @@ def answer_rules(config: BayesFakeConfig) -> str:
             f"A domain gate measures how unlike that data an image is (`domain_score`: the Mahalanobis distance of "
             f"{reads} to one Gaussian per class fitted on the training images); above {config.domain_threshold:.4g} "
             "(a threshold that at least 99% of in-domain validation images stay under) `in_domain` is False and the "
-            "verdict is \"outside what this detector was trained on: no verdict\". Real photos, other generators and "
-            "full-size pictures are outside a CIFAKE detector's domain: it cannot judge them.")
+            "verdict is \"outside what this detector was trained on: no verdict\"."
+            + (" Real photos, other generators and full-size pictures are outside a CIFAKE detector's domain: it cannot "
+               "judge them." if "cifake" in config.training_data or not config.training_data else ""))
     record = config.abstention
     if record:
         if record.get("certified"):
@@ -236,7 +237,8 @@ def model_card(config: BayesFakeConfig, report: dict | None, plot_names: list[st
     split = (report or {}).get("split", "test")
     dataset = (report or {}).get("dataset", "CIFAKE")
     eval_results = [
-        EvalResult(task_type="image-classification", dataset_type="cifake", dataset_name=dataset, dataset_split=split,
+        EvalResult(task_type="image-classification", dataset_type=dataset.lower(), dataset_name=dataset,
+                   dataset_split=split,
                    metric_type=kind, metric_name=name, metric_value=float(metrics[key]))
         # A metric that could not be measured (None/NaN in the report) is left out of the card, never claimed.
         for key, kind, name in CARD_METRICS if isinstance(metrics.get(key), (int, float)) and math.isfinite(metrics[key])
@@ -257,6 +259,13 @@ def model_card(config: BayesFakeConfig, report: dict | None, plot_names: list[st
             "gaussian_nb": "Gaussian Naive Bayes head (closed form, deterministic)"}[config.head]
     table = "\n".join(f"| `{k}` | {v:.4f} |" for k, v in metrics.items() if isinstance(v, (int, float)))
     plots = "\n".join(f"![{name}]({name})" for name in plot_names)
+    views = getattr(config, "num_views", 1)
+    input_text = (f"{config.image_size}x{config.image_size}\nRGB (any image is converted, EXIF-rotated, resized on its "
+                  "shorter side and center-cropped by the bundled image processor)") if views == 1 else (
+        f"{views} views of {config.image_size}x{config.image_size} RGB per image (`{config.view_layout}`), cut by the "
+        f"bundled image processor from a copy at most {config.view_max_side} px on its longer side (any image is "
+        "converted and EXIF-rotated; a large JPEG is decoded at a reduced scale first); the frozen backbone runs once "
+        "per view and the head, sampled T times, reads the mean of the views' features")
     body = f"""
 # {repo_id}
 
@@ -264,8 +273,7 @@ A detector of AI-generated images that says how sure it is: `{config.backbone}` 
 T={config.num_samples} times per image. It returns P(FAKE), its standard deviation over the samples, and the
 predictive entropy split into epistemic (mutual information) and aleatoric (expected entropy) parts.
 
-**Training domain**: {config.training_domain or "see the training report"}. Input: {config.image_size}x{config.image_size}
-RGB (any image is converted, EXIF-rotated, resized on its shorter side and center-cropped by the bundled image processor).
+**Training domain**: {config.training_domain or "see the training report"}. Input: {input_text}.
 Decision threshold on P(FAKE): {config.threshold:.4f}; temperature: {config.calibration_temperature:.4f};
 {"no reject rule (see below)" if config.reject_entropy is None else
  f"reject when predictive entropy > {config.reject_entropy:.4g} nats"}.

@@ -47,9 +47,14 @@ def golden_uint8(size: int, num_images: int = GOLDEN_NUM_IMAGES, seed: int = GOL
 
 
 def golden_pixel_values(config) -> torch.Tensor:
-    """The golden inputs of a detector: ``golden_uint8`` at its input size, normalised with its config."""
+    """The golden inputs of a detector: ``golden_uint8`` at its input size, normalised with its config; for a
+    multi-view detector (K = ``config.num_views`` > 1) K times as many images, as [N, K, 3, S, S]."""
     mean = torch.tensor(config.image_mean).view(1, 3, 1, 1)
     std = torch.tensor(config.image_std).view(1, 3, 1, 1)
+    views = getattr(config, "num_views", 1)
+    if views > 1:
+        pixels = (golden_uint8(config.image_size, GOLDEN_NUM_IMAGES * views).float() / 255.0 - mean) / std
+        return pixels.unflatten(0, (GOLDEN_NUM_IMAGES, views))
     return (golden_uint8(config.image_size).float() / 255.0 - mean) / std
 
 

@@ -29,7 +29,9 @@ RELEASED = ("cifake-mcdropout-cnn", "cifake-vi-bcnn",
             "cifake-mobilenetv2-ft",  # ImageNet MobileNetV2 fine-tuned end to end, MC-Dropout head
             # heads on frozen ImageNet EfficientNet-Lite0 features (train/configs/frozen/)
             "effnetlite0-mcd-mlp", "effnetlite0-mcd-deep", "effnetlite0-vi-linear", "effnetlite0-linear",
-            "effnetlite0-gnb")
+            "effnetlite0-gnb",
+            # the full-size detector (issue 14): multi-view frozen EfficientNet-Lite2, MC-Dropout head, trained on wild
+            "wild-effnetlite2-multiview")
 DEFAULT_REPO_IDS = tuple(f"{HUB_ORG}/{name}" for name in RELEASED)
 
 log = logging.getLogger(__name__)

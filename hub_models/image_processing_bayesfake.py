@@ -7,12 +7,20 @@ Ships inside every Hub repo next to ``preprocessor_config.json`` (``AutoImagePro
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
+
+try:  # HEIC/HEIF (iPhone photos) where the optional decoder is installed
+    from pillow_heif import register_heif_opener
+
+    register_heif_opener()
+except ImportError:
+    pass
 
 PIL_FILTERS = {
     "nearest": Image.Resampling.NEAREST,
@@ -26,8 +34,12 @@ DEFAULT_MAX_PIXELS = 64_000_000
 MAX_ASPECT = 4
 
 
-def load_image(source) -> Image.Image:
-    """Open a path, bytes or PIL image; raise ``ValueError`` with a plain reason when it is not a usable image."""
+def load_image(source, draft_size: tuple[int, int] | None = None) -> Image.Image:
+    """Open a path, bytes or PIL image; raise ``ValueError`` with a plain reason when it is not a usable image.
+
+    ``draft_size`` (longer side, shorter side): a JPEG is decoded at the smallest of 1/1, 1/2, 1/4, 1/8 of its size
+    that still has at least these sides (libjpeg's DCT scaling: a 4000x3000 photo needed at 512 px decodes ~10x
+    faster); other formats decode whole."""
     if isinstance(source, Image.Image):
         return source
     if isinstance(source, (bytes, bytearray)):
@@ -38,6 +50,11 @@ def load_image(source) -> Image.Image:
         raise ValueError(f"no such image file: {source}")
     try:
         image = Image.open(source)
+        if draft_size is not None and image.format == "JPEG":
+            w, h = image.size
+            scale = max(draft_size[0] / max(w, h), draft_size[1] / min(w, h))
+            if scale < 1:
+                image.draft(image.mode, (math.ceil(w * scale), math.ceil(h * scale)))
         image.load()
     except Image.DecompressionBombError as err:
         raise ValueError(f"image refused: too many pixels ({err})") from err
@@ -93,6 +110,29 @@ def resize_center_crop(image: Image.Image, size: int, resample: str) -> Image.Im
     return image.crop((left, top, left + size, top + size))
 
 
+def image_views(image: Image.Image, size: int, layout: str, max_side: int, resample: str) -> list[Image.Image]:
+    """The views of a multi-view detector (``BayesFakeConfig.view_layout``), each ``size`` x ``size``, cut from a copy
+    of ``image`` whose longer side is at most ``max_side`` (never upscaled, unless its shorter side is below ``size``):
+    "whole" = that copy resized and centre-cropped; the corners and centre are crops at the copy's own scale."""
+    w, h = image.size
+    scale = min(1.0, max_side / max(w, h))
+    scale = max(scale, size / min(w, h))
+    if scale != 1.0:
+        image = image.resize((max(size, round(w * scale)), max(size, round(h * scale))), PIL_FILTERS[resample])
+    w, h = image.size
+    boxes = {"corner_tl": (0, 0), "corner_tr": (w - size, 0), "corner_bl": (0, h - size),
+             "corner_br": (w - size, h - size), "centre": ((w - size) // 2, (h - size) // 2)}
+    views = {name: image.crop((x, y, x + size, y + size)) for name, (x, y) in boxes.items()}
+    views["whole"] = resize_center_crop(image, size, resample)
+    return [views[name] for name in VIEW_NAMES[layout]]
+
+
+# The views of each multi-view layout, in order (``BayesFakeConfig.view_layout``).
+VIEW_NAMES = {"whole_corners": ("whole", "corner_tl", "corner_tr", "corner_bl", "corner_br"),
+              "five_crop": ("corner_tl", "corner_tr", "corner_bl", "corner_br", "centre"),
+              "whole_five_crop": ("whole", "corner_tl", "corner_tr", "corner_bl", "corner_br", "centre")}
+
+
 class BayesFakeImageProcessor(BaseImageProcessor):
     """PIL/array/path -> normalised ``pixel_values`` [B, 3, size, size]; for a detector whose domain gate has its own
     extractor (``domain_size`` set), also ``domain_pixel_values`` [B, 3, domain_size, domain_size]: the same image
@@ -110,6 +150,8 @@ class BayesFakeImageProcessor(BaseImageProcessor):
         domain_size: int | None = None,
         domain_mean: list[float] | tuple[float, ...] = (0.5, 0.5, 0.5),
         domain_std: list[float] | tuple[float, ...] = (0.5, 0.5, 0.5),
+        view_layout: str = "center",
+        view_max_side: int = 512,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -127,6 +169,10 @@ class BayesFakeImageProcessor(BaseImageProcessor):
         self.domain_std = [float(v) for v in domain_std]
         if self.domain_size is not None:
             self.model_input_names = ["pixel_values", "domain_pixel_values"]
+        if view_layout != "center" and view_layout not in VIEW_NAMES:
+            raise ValueError(f"view_layout must be 'center' or one of {sorted(VIEW_NAMES)}; got {view_layout!r}")
+        self.view_layout = view_layout
+        self.view_max_side = int(view_max_side)
 
     @classmethod
     def from_config(cls, config) -> BayesFakeImageProcessor:
@@ -134,8 +180,10 @@ class BayesFakeImageProcessor(BaseImageProcessor):
         extractor_gate = getattr(config, "domain_gate", None) not in (None, "features")
         domain = dict(domain_size=config.domain_image_size, domain_mean=config.domain_image_mean,
                       domain_std=config.domain_image_std) if extractor_gate else {}
+        views = dict(view_layout=config.view_layout, view_max_side=config.view_max_side) \
+            if getattr(config, "view_layout", "center") != "center" else {}
         return cls(size=config.image_size, image_mean=config.image_mean, image_std=config.image_std,
-                   resample=config.resample, **domain)
+                   resample=config.resample, **domain, **views)
 
     def domain_processor(self) -> BayesFakeImageProcessor:
         """The processor of the gate's own input: ``domain_size`` px, its normalisation (``pixel_values`` only)."""
@@ -155,10 +203,27 @@ class BayesFakeImageProcessor(BaseImageProcessor):
         image = to_rgb(load_image(image), self.max_pixels)
         return np.asarray(resize_center_crop(image, self.size, self.resample), dtype=np.uint8)
 
+    def views_uint8(self, image) -> np.ndarray:
+        """One image (PIL, path, bytes or HxW[xC] uint8 array) -> its K views [K, size, size, 3] uint8 RGB
+        (``view_layout``); a JPEG is decoded only as large as the views need (``load_image``'s draft)."""
+        if self.view_layout == "center":
+            return self.to_rgb_uint8(image)[None]
+        if isinstance(image, np.ndarray):
+            if image.dtype != np.uint8:
+                raise ValueError(f"numpy images must be uint8 HxW or HxWxC; got dtype {image.dtype}")
+            image = Image.fromarray(image)
+        elif torch.is_tensor(image):
+            raise ValueError("pass PIL images, paths or uint8 numpy arrays; tensors are taken as already preprocessed")
+        image = to_rgb(load_image(image, draft_size=(self.view_max_side, self.size)), self.max_pixels)
+        views = image_views(image, self.size, self.view_layout, self.view_max_side, self.resample)
+        return np.stack([np.asarray(view, dtype=np.uint8) for view in views])
+
     def normalize_uint8(self, batch: torch.Tensor) -> torch.Tensor:
-        """[B, 3, H, W] uint8 -> float32 normalised with the config's mean and std (the last training step too)."""
-        mean = torch.tensor(self.image_mean, device=batch.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.image_std, device=batch.device).view(1, 3, 1, 1)
+        """[B, 3, H, W] (or [B, K, 3, H, W]) uint8 -> float32 normalised with the config's mean and std (the last
+        training step too)."""
+        shape = (1, 3, 1, 1) if batch.dim() == 4 else (1, 1, 3, 1, 1)
+        mean = torch.tensor(self.image_mean, device=batch.device).view(shape)
+        std = torch.tensor(self.image_std, device=batch.device).view(shape)
         return (batch.float() / 255.0 - mean) / std
 
     def preprocess(self, images, return_tensors: str | None = "pt", **kwargs) -> BatchFeature:
@@ -167,6 +232,12 @@ class BayesFakeImageProcessor(BaseImageProcessor):
         if not images:
             raise ValueError("no images given")
         data = {}
+        if self.view_layout != "center":  # [B, K, 3, S, S]: K views per image
+            arrays = np.stack([self.views_uint8(image) for image in images])
+            data["pixel_values"] = self.normalize_uint8(torch.from_numpy(arrays).permute(0, 1, 4, 2, 3))
+            if return_tensors not in ("pt", None):
+                data = {key: value.numpy() for key, value in data.items()}
+            return BatchFeature(data=data, tensor_type=None)
         if self.domain_size is not None:  # decode once, resize twice: both from the original pixels
             images = [image if isinstance(image, np.ndarray) or torch.is_tensor(image)
                       else to_rgb(load_image(image), self.max_pixels) for image in images]

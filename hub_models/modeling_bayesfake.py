@@ -412,6 +412,8 @@ class TimmBackbone(nn.Module):
         self.num_features = self.model.num_features
 
     def forward(self, x: torch.Tensor, num_samples: int = 1, stochastic: bool = False) -> torch.Tensor:
+        if x.dim() == 5:  # [B, K, 3, S, S]: K views of each image (config.view_layout): one pass per view, mean
+            return self.forward(x.flatten(0, 1)).unflatten(0, x.shape[:2]).mean(1)
         # Channels-last activations in eval mode: oneDNN's NHWC kernels (depthwise convs above all) make MobileNetV2 and
         # EfficientNet-Lite0 1.6-2.3x faster on CPU here, the features equal to ~1e-5.
         if not self.training:
@@ -877,11 +879,18 @@ class BayesFakeDetector(BayesFakePreTrainedModel):
 
     def check_pixel_values(self, pixel_values) -> None:
         """Raise ``ValueError`` saying what is wrong unless ``pixel_values`` is what the image processor makes:
-        a non-empty float tensor [B, 3, S, S] with S = ``config.image_size``, every value finite."""
+        a non-empty float tensor [B, 3, S, S] with S = ``config.image_size``, every value finite; for a multi-view
+        detector (``config.num_views`` K > 1) [B, K, 3, S, S]."""
         size = self.config.image_size
-        expected = f"a float tensor [B, 3, {size}, {size}] from the detector's image processor"
+        views = getattr(self.config, "num_views", 1)
+        expected = f"a float tensor [B, 3, {size}, {size}] from the detector's image processor" if views == 1 else \
+            f"a float tensor [B, {views}, 3, {size}, {size}] ({views} views per image) from the detector's image processor"
         if not torch.is_tensor(pixel_values):
             raise ValueError(f"pixel_values must be {expected}; got {type(pixel_values).__name__}")
+        if views > 1 and (pixel_values.dim() != 5 or pixel_values.shape[1] != views):
+            raise ValueError(f"pixel_values must be {expected}; got shape {tuple(pixel_values.shape)}")
+        if views > 1:  # the per-view checks below read the views of all images as one batch
+            pixel_values = pixel_values.flatten(0, 1)
         if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
             raise ValueError(f"pixel_values must be {expected}; got shape {tuple(pixel_values.shape)}")
         if not pixel_values.is_floating_point():

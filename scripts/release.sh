@@ -20,8 +20,17 @@ RELEASE_1_REV=${RELEASE_1_REV:-e363db6}  # the commit that holds every release a
 LITE0=../shared/weights/tf_efficientnet_lite0.in1k.safetensors
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(cifake-mcdropout-cnn cifake-vi-bcnn cifake-mobilenetv2-ft effnetlite0-linear
-                                 effnetlite0-gnb effnetlite0-mcd-mlp effnetlite0-mcd-deep effnetlite0-vi-linear)
+                                 effnetlite0-gnb effnetlite0-mcd-mlp effnetlite0-mcd-deep effnetlite0-vi-linear
+                                 wild-effnetlite2-multiview)
 for name in "${names[@]}"; do
+    # The full-size detector (issue 14): a multi-view head on frozen EfficientNet-Lite2 features of wild, in one
+    # command (train.fullsize: features, validation split, head, gate, certification at alpha 0.10, test, export).
+    if [ -f "train/configs/fullsize/$name.yaml" ]; then
+        python -m train.fullsize "train/configs/fullsize/$name.yaml" --out "runs/$name" --export "hub_models/$name" \
+            --version "${RELEASE_VERSION:-$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['release_version'])" \
+                "hub_models/$name/config.json" 2>/dev/null || echo 1.0.0)}"
+        continue
+    fi
     run="runs/$name"
     if [ -f "train/configs/robust/$name.yaml" ]; then
         config="train/configs/robust/$name.yaml"

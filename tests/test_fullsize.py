@@ -1,0 +1,177 @@
+"""The multi-view (full-size) detector: views of any image, phone-format inputs, the model's [B, K, 3, S, S] contract,
+the wild validation split, and the released detector on phone-like files."""
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hub_models import BayesFakeConfig, BayesFakeDetector, BayesFakeImageProcessor
+from hub_models.golden import golden_pixel_values
+from hub_models.image_processing_bayesfake import load_image
+from train.wild import WildSplit, layout_features
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+RELEASE = Path(__file__).resolve().parent.parent / "hub_models" / "wild-effnetlite2-multiview"
+SIZE = 32
+
+
+def encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def left_red_right_blue(width: int, height: int) -> Image.Image:
+    pixels = np.zeros((height, width, 3), dtype=np.uint8)
+    pixels[:, : width // 2, 0] = 255
+    pixels[:, width // 2:, 2] = 255
+    return Image.fromarray(pixels)
+
+
+def rotated_jpeg(width: int, height: int) -> bytes:
+    """A JPEG stored sideways with EXIF orientation 6 ("rotate 90 clockwise to view"), as phones write them: upright,
+    its left half is red and its right half blue."""
+    stored = left_red_right_blue(width, height).transpose(Image.Transpose.ROTATE_90)  # what the sensor wrote
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    return encoded(stored, "JPEG", quality=95, exif=exif.tobytes())
+
+
+@pytest.fixture
+def processor():
+    return BayesFakeImageProcessor(size=SIZE, view_layout="whole_corners", view_max_side=64)
+
+
+def test_views_of_any_size_and_format(processor):
+    image = left_red_right_blue(400, 300)
+    for data in (encoded(image, "JPEG", quality=90), encoded(image, "PNG"), encoded(image, "WEBP", quality=90),
+                 image, np.asarray(image)):
+        out = processor(data)["pixel_values"]
+        assert out.shape == (1, 5, 3, SIZE, SIZE)
+        assert torch.isfinite(out).all()
+        # view 1 is the top-left corner (red), view 2 the top-right corner (blue), at the 64 px copy's scale
+        assert out[0, 1, 0].mean() > 0.9 and out[0, 1, 2].mean() < -0.9
+        assert out[0, 2, 2].mean() > 0.9 and out[0, 2, 0].mean() < -0.9
+
+
+def test_exif_rotation_honoured(processor):
+    out = processor(rotated_jpeg(400, 300))["pixel_values"]
+    assert out[0, 1, 0].mean() > 0.9  # top-left corner of the upright image is red
+    assert out[0, 2, 2].mean() > 0.9  # top-right is blue
+
+
+def test_jpeg_draft_decodes_a_phone_photo_small():
+    data = encoded(left_red_right_blue(4000, 3000), "JPEG", quality=90)
+    assert load_image(data).size == (4000, 3000)
+    small = load_image(data, draft_size=(512, 260))
+    assert small.size == (1000, 750)  # 1/4 scale: the smallest DCT scale with longer side >= 512, shorter >= 260
+    out = BayesFakeImageProcessor(size=SIZE, view_layout="five_crop", view_max_side=64)(data)["pixel_values"]
+    assert out.shape == (1, 5, 3, SIZE, SIZE)
+
+
+def test_small_and_extreme_images_still_give_full_views(processor):
+    for size in ((10, 7), (2000, 40)):
+        out = processor(left_red_right_blue(*size))["pixel_values"]
+        assert out.shape == (1, 5, 3, SIZE, SIZE)
+
+
+def test_bad_files_are_clear_errors(processor):
+    with pytest.raises(ValueError, match="not a readable image"):
+        processor(b"definitely not an image")
+    truncated = encoded(left_red_right_blue(200, 100), "JPEG")[:300]
+    with pytest.raises(ValueError, match="not a readable image"):
+        processor(truncated)
+    with pytest.raises(ValueError, match="view_layout"):
+        BayesFakeImageProcessor(size=SIZE, view_layout="tiles9")
+
+
+def tiny_multiview(layout: str = "whole_corners") -> BayesFakeDetector:
+    torch.manual_seed(0)
+    config = BayesFakeConfig(backbone="tf_efficientnet_lite0", image_size=SIZE, head="mc_dropout", head_hidden=[8],
+                             dropout=0.3, view_layout=layout, view_max_side=64)
+    model = BayesFakeDetector(config).eval()
+    with torch.no_grad():  # the head starts at zero (P = 0.5 everywhere): give it weights that sampling can move
+        for parameter in model.head.parameters():
+            parameter.normal_(0.0, 0.5)
+    return model
+
+
+def test_model_averages_the_views_and_samples_only_the_head():
+    model = tiny_multiview()
+    x = BayesFakeImageProcessor.from_config(model.config)([left_red_right_blue(300, 200),
+                                                           left_red_right_blue(90, 120)])["pixel_values"]
+    assert x.shape == (2, 5, 3, SIZE, SIZE)
+    out = model(x, num_samples=30, seed=1)
+    per_view = torch.stack([model.backbone(x[:, k]) for k in range(5)], 1).mean(1)
+    same = model.forward_features(per_view, num_samples=30, seed=1)
+    torch.testing.assert_close(out.probs, same.probs, atol=1e-5, rtol=0)
+    assert out.sample_probs.shape == (30, 2, 2) and out.sample_probs[:, 0, 1].std() > 0
+    alone = model(x[1:], num_samples=30, seed=1)  # an image gives the same answer alone or in a batch
+    torch.testing.assert_close(alone.probs[0], model(x, num_samples=30, seed=1).probs[1], atol=1e-5, rtol=0)
+
+
+def test_model_refuses_the_wrong_layout():
+    model = tiny_multiview()
+    with pytest.raises(ValueError, match=r"\[B, 5, 3, 32, 32\]"):
+        model(torch.zeros(2, 3, SIZE, SIZE))
+    with pytest.raises(ValueError, match=r"\[B, 5, 3, 32, 32\]"):
+        model(torch.zeros(2, 6, 3, SIZE, SIZE))
+    with pytest.raises(ValueError, match="NaN"):
+        model(torch.full((1, 5, 3, SIZE, SIZE), float("nan")))
+    with pytest.raises(ValueError, match="view_layout"):
+        BayesFakeConfig(view_layout="whole_corners")  # the from-scratch CNN has no multi-view mode
+
+
+def test_golden_inputs_of_a_multiview_detector():
+    model = tiny_multiview("five_crop")
+    pixels = golden_pixel_values(model.config)
+    assert pixels.shape == (6, 5, 3, SIZE, SIZE)
+    assert model(pixels, num_samples=3).probs.shape == (6, 2)
+
+
+def test_layout_features_are_the_mean_of_their_views():
+    views = np.arange(2 * 6 * 3, dtype=np.float32).reshape(2, 6, 3)
+    np.testing.assert_allclose(layout_features(views, "center"), views[:, 0])
+    np.testing.assert_allclose(layout_features(views, "five_crop"), views[:, 1:].mean(1))
+    np.testing.assert_allclose(layout_features(views, "whole_corners"), views[:, :5].mean(1))
+
+
+def test_validation_split_holds_groups_out_whole():
+    from train.fullsize import validation_split
+
+    labels = np.array([0] * 40 + [1] * 60)
+    sources = np.array(["A"] * 30 + ["B"] * 10 + ["web"] * 60)
+    generators = np.array(["none"] * 40 + ["g1"] * 30 + ["g2"] * 30)
+    data = WildSplit([b""] * 100, labels, sources, generators)
+    fit, val = validation_split(data, ["B", "g2"], 0.2, seed=0)
+    assert set(fit) | set(val) == set(range(100)) and not set(fit) & set(val)
+    assert set(data.group[fit]) == {"A", "g1"}  # held-out groups never reach fitting
+    assert (data.group[val] == "B").sum() == 10 and (data.group[val] == "g2").sum() == 30
+    assert (data.group[val] == "A").sum() == 6 and (data.group[val] == "g1").sum() == 6
+    fit2, val2 = validation_split(data, ["B", "g2"], 0.2, seed=0)
+    assert (val == val2).all()
+    with pytest.raises(ValueError, match="not in wild train"):
+        validation_split(data, ["nope"], 0.2, seed=0)
+
+
+def test_released_detector_accepts_what_a_phone_produces():
+    from transformers import AutoImageProcessor, AutoModel
+
+    model = AutoModel.from_pretrained(RELEASE, trust_remote_code=True).eval()
+    processor = AutoImageProcessor.from_pretrained(RELEASE, trust_remote_code=True)
+    photo = left_red_right_blue(4000, 3000)
+    files = [rotated_jpeg(4000, 3000), encoded(photo.resize((1200, 900)), "PNG"),
+             encoded(photo.resize((1600, 1200)), "WEBP", quality=80), encoded(photo, "JPEG", quality=85)]
+    x = processor(files)["pixel_values"]
+    assert x.shape == (4, model.config.num_views, 3, model.config.image_size, model.config.image_size)
+    with torch.no_grad():
+        out = model(x, num_samples=30)
+    assert torch.isfinite(out.probs).all() and out.in_domain.shape == (4,)
+    assert all(v in ("likely AI-generated", "likely real", "uncertain: needs human review",
+                     "outside what this detector was trained on: no verdict") for v in model.verdicts(out))
+    assert model.config.training_data == ["wild"]
