@@ -7,6 +7,7 @@ Ships inside every Hub repo next to ``preprocessor_config.json`` (``AutoImagePro
 
 from __future__ import annotations
 
+import importlib
 import math
 import os
 
@@ -15,10 +16,8 @@ import torch
 from PIL import Image, ImageOps
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
-try:  # HEIC/HEIF (iPhone photos) where the optional decoder is installed
-    from pillow_heif import register_heif_opener
-
-    register_heif_opener()
+try:  # HEIC/HEIF (iPhone photos) where the optional decoder is installed; by name: no dependency to pin or ship
+    importlib.import_module("pillow_heif").register_heif_opener()
 except ImportError:
     pass
 
