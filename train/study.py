@@ -98,7 +98,7 @@ class StudyConfig:
     transform_backbones: list = field(default_factory=lambda: [CIFAKE_CNN])
     transform_classifiers: list = field(default_factory=lambda: ["logistic", "lda", "svm_rbf"])
     transforms: list = field(default_factory=lambda: list(TRANSFORMS))
-    crops_backbones: list = field(default_factory=lambda: ["mobilenetv2_100"])
+    crops_backbones: list = field(default_factory=lambda: ["mobilenetv2_100", "tf_efficientnet_lite0"])
     crops_classifiers: list = field(default_factory=lambda: ["logistic", "lda", "svm_rbf", "knn5"])
     store: str = "runs/study/results.jsonl"
     out_dir: str = "train/results/study"
