@@ -13,8 +13,9 @@ trail the median of earlier ones at the same epoch.
 
 Resumable and time-budgeted: the study lives in a SQLite file (``--storage``); the seconds spent are kept in it, so
 ``--budget-minutes`` is the budget of the whole study over every invocation. No trial starts once it is spent; a trial
-still running when it runs out stops at its next epoch end (so the budget can be overrun by at most one epoch) and is
-queued again with the same parameters, to resume from its checkpoint next time. A trial killed with its process is
+still running when it runs out stops at its next epoch end and is queued again with the same parameters, to resume
+from its checkpoint next time, unless that epoch was its last: then it is scored (so the budget can be overrun by
+about one epoch and the scoring; 60 minutes became 62.1 in the committed study). A trial killed with its process is
 failed and retried with the same parameters by Optuna's heartbeat (``RetryHeartbeatStaleTrialCallback``) once its
 heartbeat is older than ``GRACE_SECONDS``. One process per study at a time.
 
