@@ -1257,7 +1257,8 @@ class BayesFakeDetector(BayesFakePreTrainedModel):
         feature_gradient = feature_grad.reshape(b, -1, features.shape[-1])
         attribution = (features.detach().reshape(b, -1, features.shape[-1]) * feature_gradient).abs()
         return {
-            "saliency": pixel_grad.abs().amax(dim=1),
+            # the largest over the colour channels, and over the views of a multi-view detector ([B, K, 3, H, W])
+            "saliency": pixel_grad.abs().flatten(1, -3).amax(dim=1),
             "feature_gradient": feature_gradient.sum(1),  # all-layer VI: summed over the per-sample features
             "feature_importance": attribution.sum(1),
             "p_fake": p_fake.detach(),

@@ -174,7 +174,8 @@ def domain_warnings(image: InputImage, config) -> list[str]:
     warnings = []
     short_side = min(image.width, image.height)
     scale = short_side / size
-    if not 1 / SCALE_TOLERANCE <= scale <= SCALE_TOLERANCE:
+    # A multi-view detector brings any image to its training scale itself (views of a copy <= view_max_side px).
+    if getattr(config, "num_views", 1) == 1 and not 1 / SCALE_TOLERANCE <= scale <= SCALE_TOLERANCE:
         how = f"{scale:.0f}x larger" if scale > 1 else f"{1 / scale:.0f}x smaller"
         warnings.append(f"the image is {image.width}x{image.height} px but this detector was trained on {size}x{size} "
                         f"images ({how}): far from the training data")

@@ -175,3 +175,20 @@ def test_released_detector_accepts_what_a_phone_produces():
     assert all(v in ("likely AI-generated", "likely real", "uncertain: needs human review",
                      "outside what this detector was trained on: no verdict") for v in model.verdicts(out))
     assert model.config.training_data == ["wild"]
+
+
+def test_explain_gives_one_saliency_map_per_image_over_the_views():
+    model = tiny_multiview()
+    x = BayesFakeImageProcessor.from_config(model.config)([left_red_right_blue(300, 200)] * 2)["pixel_values"]
+    why = model.explain(x, num_samples=8)
+    assert why["saliency"].shape == (2, SIZE, SIZE) and why["saliency"].max() > 0
+    torch.testing.assert_close(why["output"].probs, model(x, num_samples=8, seed=0).probs, atol=1e-5, rtol=0)
+
+
+def test_space_does_not_warn_about_size_for_a_multiview_detector():
+    from space.detectors import InputImage, domain_warnings
+
+    image = InputImage("photo.jpg", Image.new("RGB", (4000, 3000)), "RGB", "JPEG", 1)
+    assert domain_warnings(image, tiny_multiview().config) == []
+    thumbnail_detector = BayesFakeConfig(image_size=32)
+    assert any("far from the training data" in w for w in domain_warnings(image, thumbnail_detector))
