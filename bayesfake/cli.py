@@ -67,13 +67,13 @@ def detector_info(name_or_path: str) -> dict:
 
 
 def info(argv: list[str]) -> None:
-    from hub_models.hub import DEFAULT_REPO_IDS
+    from hub_models.hub import RELEASED_REPO_IDS
 
     parser = argparse.ArgumentParser(prog="bayesfake info", description="the detectors, from their configs")
     parser.add_argument("detectors", nargs="*", help="repo ids or folders (default: every released detector)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
-    rows = [detector_info(name) for name in (args.detectors or DEFAULT_REPO_IDS)]
+    rows = [detector_info(name) for name in (args.detectors or RELEASED_REPO_IDS)]
     if args.json:
         print(json.dumps(rows, indent=2))
         return

@@ -32,7 +32,12 @@ RELEASED = ("cifake-mcdropout-cnn", "cifake-vi-bcnn",
             "effnetlite0-gnb",
             # the full-size detector (issue 14): multi-view frozen EfficientNet-Lite2, MC-Dropout head, trained on wild
             "wild-effnetlite2-multiview")
-DEFAULT_REPO_IDS = tuple(f"{HUB_ORG}/{name}" for name in RELEASED)
+# Released, but served only when asked for by name (the Space's --models / BAYESFAKE_MODELS, `score --detectors`): it
+# misses its issue's targets on wild test (its card: 86.5% accuracy among the answered, ECE 0.10), and in the default
+# headline it would turn the honest "no verdict" on real photos into answers wrong about one time in seven.
+OPT_IN = ("wild-effnetlite2-multiview",)
+RELEASED_REPO_IDS = tuple(f"{HUB_ORG}/{name}" for name in RELEASED)
+DEFAULT_REPO_IDS = tuple(f"{HUB_ORG}/{name}" for name in RELEASED if name not in OPT_IN)
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 
 from hub_models.export import write_hub_folder
-from hub_models.hub import HUB_MODELS_DIR, HUB_ORG, RELEASED, bundled_folder
+from hub_models.hub import DEFAULT_REPO_IDS, HUB_MODELS_DIR, HUB_ORG, RELEASED, bundled_folder
 
 SPACE_DIR = Path(__file__).resolve().parent
 EVIDENCE_DIR = SPACE_DIR.parent / "evidence"  # this checkout's evidence package (space/evidence links to it)
@@ -165,9 +165,10 @@ def source_revision() -> str:
 
 
 def release_names(models: str | list[str] | None) -> list[str]:
-    """Released detector names (``NAME`` or ``bayesfake/NAME``, a list or comma-separated); default: all of them."""
+    """Released detector names (``NAME`` or ``bayesfake/NAME``, a list or comma-separated); default: those served by
+    default (``hub_models.hub.DEFAULT_REPO_IDS``; an opt-in release is bundled only when named)."""
     if models is None:
-        return list(RELEASED)
+        return [repo_id.removeprefix(f"{HUB_ORG}/") for repo_id in DEFAULT_REPO_IDS]
     if isinstance(models, str):
         models = models.split(",")
     names = [m.strip().removeprefix(f"{HUB_ORG}/") for m in models if m.strip()]
@@ -221,7 +222,8 @@ def build_space(out_dir: str | Path, models: str | list[str] | None = None, over
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir", help="the Space folder to write (empty or absent)")
-    parser.add_argument("--models", help=f"comma-separated released detectors (default: all: {','.join(RELEASED)})")
+    parser.add_argument("--models", help=f"comma-separated released detectors (default: those served by default: "
+                                         f"{','.join(DEFAULT_REPO_IDS)}; any of {','.join(RELEASED)})")
     parser.add_argument("--overwrite", action="store_true", help="replace what an earlier build wrote in OUT_DIR")
     args = parser.parse_args(argv)
     try:

@@ -14,7 +14,7 @@ from hub_models.export import write_hub_folder
 from hub_models.golden import FIELDS, check_golden, golden_pixel_values
 from hub_models.hub import (
     CODE_FILES,
-    DEFAULT_REPO_IDS,
+    RELEASED_REPO_IDS,
     HUB_MODELS_DIR,
     RELEASED,
     bundled_folder,
@@ -22,7 +22,7 @@ from hub_models.hub import (
     load_detector,
 )
 
-@pytest.mark.parametrize("repo_id", DEFAULT_REPO_IDS)
+@pytest.mark.parametrize("repo_id", RELEASED_REPO_IDS)
 def test_released_folder_ships_the_package_code_and_loads(repo_id):
     folder = check_repo_folder(bundled_folder(repo_id))
     for name in CODE_FILES:  # one source: the bundled folder links to the package's code, git holds it once
