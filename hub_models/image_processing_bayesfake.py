@@ -191,15 +191,21 @@ class BayesFakeImageProcessor(BaseImageProcessor):
         return BayesFakeImageProcessor(size=self.domain_size, image_mean=self.domain_mean, image_std=self.domain_std,
                                        resample=self.resample, max_pixels=self.max_pixels)
 
-    def to_rgb_uint8(self, image) -> np.ndarray:
-        """One image (PIL, path, bytes or HxW[xC] uint8 array) -> [size, size, 3] uint8 RGB array."""
+    @staticmethod
+    def _image_input(image):
+        """A uint8 numpy array becomes a PIL image; a tensor is refused (tensors are taken as already preprocessed);
+        anything else (PIL, path, bytes) goes to ``load_image`` as it is."""
         if isinstance(image, np.ndarray):
             if image.dtype != np.uint8:
                 raise ValueError(f"numpy images must be uint8 HxW or HxWxC; got dtype {image.dtype}")
-            image = Image.fromarray(image)
-        elif torch.is_tensor(image):
+            return Image.fromarray(image)
+        if torch.is_tensor(image):
             raise ValueError("pass PIL images, paths or uint8 numpy arrays; tensors are taken as already preprocessed")
-        image = to_rgb(load_image(image), self.max_pixels)
+        return image
+
+    def to_rgb_uint8(self, image) -> np.ndarray:
+        """One image (PIL, path, bytes or HxW[xC] uint8 array) -> [size, size, 3] uint8 RGB array."""
+        image = to_rgb(load_image(self._image_input(image)), self.max_pixels)
         return np.asarray(resize_center_crop(image, self.size, self.resample), dtype=np.uint8)
 
     def views_uint8(self, image) -> np.ndarray:
@@ -207,13 +213,8 @@ class BayesFakeImageProcessor(BaseImageProcessor):
         (``view_layout``); a JPEG is decoded only as large as the views need (``load_image``'s draft)."""
         if self.view_layout == "center":
             return self.to_rgb_uint8(image)[None]
-        if isinstance(image, np.ndarray):
-            if image.dtype != np.uint8:
-                raise ValueError(f"numpy images must be uint8 HxW or HxWxC; got dtype {image.dtype}")
-            image = Image.fromarray(image)
-        elif torch.is_tensor(image):
-            raise ValueError("pass PIL images, paths or uint8 numpy arrays; tensors are taken as already preprocessed")
-        image = to_rgb(load_image(image, draft_size=(self.view_max_side, self.size)), self.max_pixels)
+        image = to_rgb(load_image(self._image_input(image), draft_size=(self.view_max_side, self.size)),
+                       self.max_pixels)
         views = image_views(image, self.size, self.view_layout, self.view_max_side, self.resample)
         return np.stack([np.asarray(view, dtype=np.uint8) for view in views])
 
