@@ -432,6 +432,11 @@ class TimmBackbone(nn.Module):
         return self.model.forward_head(feature_map, pre_logits=True)
 
 
+def reconstruction_error(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean absolute pixel error [B] of an autoencoder detector's reconstruction (what ``forward`` reports)."""
+    return (reconstruction - target).abs().flatten(1).mean(1).float()
+
+
 class ConvDecoder(nn.Module):
     """BatchNorm decoder of an autoencoder detector: the encoder's last feature map [B, C, h, w] back to an image
     [B, out_channels, S, S] with values in [0, 1].
@@ -850,9 +855,8 @@ class BayesFakeDetector(BayesFakePreTrainedModel):
         self.check_pixel_values(pixel_values)
         param = next(self.parameters())
         _, reconstruction, target = self.autoencode(pixel_values.to(device=param.device, dtype=param.dtype))
-        error_map = (reconstruction - target).abs().mean(1)
-        return {"reconstruction": reconstruction, "target": target, "error_map": error_map,
-                "reconstruction_error": error_map.flatten(1).mean(1).float()}
+        return {"reconstruction": reconstruction, "target": target, "error_map": (reconstruction - target).abs().mean(1),
+                "reconstruction_error": reconstruction_error(reconstruction, target)}
 
     def sample_head_logits(self, features: torch.Tensor, batch: int, num_samples: int,
                            stochastic: bool = True) -> torch.Tensor:
@@ -882,7 +886,7 @@ class BayesFakeDetector(BayesFakePreTrainedModel):
         a non-empty float tensor [B, 3, S, S] with S = ``config.image_size``, every value finite; for a multi-view
         detector (``config.num_views`` K > 1) [B, K, 3, S, S]."""
         size = self.config.image_size
-        views = getattr(self.config, "num_views", 1)
+        views = self.config.num_views
         expected = f"a float tensor [B, 3, {size}, {size}] from the detector's image processor" if views == 1 else \
             f"a float tensor [B, {views}, 3, {size}, {size}] ({views} views per image) from the detector's image processor"
         if not torch.is_tensor(pixel_values):
@@ -977,7 +981,7 @@ class BayesFakeDetector(BayesFakePreTrainedModel):
         out = self._sampled_predictive(
             lambda f, t, sampled: self.sample_head_logits(f, f.shape[0], t, stochastic=sampled),
             features, num_samples, labels, seed, generator, stochastic, adaptive=adaptive)
-        out["reconstruction_error"] = (reconstruction - target).abs().flatten(1).mean(1).float()
+        out["reconstruction_error"] = reconstruction_error(reconstruction, target)
         gate = None if self.training else self.domain_gate
         if gate is not None:
             gate_features = features if gate.extractor is None else \

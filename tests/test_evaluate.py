@@ -296,6 +296,21 @@ def test_cli_calibrates_evaluates_and_exports(tmp_path, monkeypatch):
     assert json.loads((exported / "train_history.json").read_text()) == record  # the record ships with the weights
 
 
+def test_cli_evaluates_and_exports_in_int8(tmp_path, monkeypatch):
+    """--int8-calibration: the backbone is quantized on training images before anything is fitted, and the export
+    reloads as the same int8 network (the metrics were measured on what users load)."""
+    from transformers import AutoModel
+
+    monkeypatch.setenv("BAYESFAKE_CACHE", str(tmp_path / "cache"))
+    model_dir, _ = trained_folder(tmp_path)
+    exported = tmp_path / "released"
+    evaluate.main([str(model_dir), "--out", str(tmp_path / "eval"), "--export", str(exported), "--max-eval", "30",
+                   "--num-samples", "3", "--int8-calibration", "20"])
+    reloaded = AutoModel.from_pretrained(exported, trust_remote_code=True).eval()
+    assert reloaded.config.int8_backbone and reloaded.is_quantized
+    assert set(reloaded.backbone.int8_observers)  # the calibrated observers shipped as weights
+
+
 def test_evaluation_refuses_a_validation_split_other_than_the_recorded_one(tmp_path, monkeypatch, caplog):
     monkeypatch.setenv("BAYESFAKE_CACHE", str(tmp_path / "cache"))
     model_dir, record = trained_folder(tmp_path)

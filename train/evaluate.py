@@ -234,15 +234,16 @@ def main(argv: list[str] | None = None, prog: str = "python -m train.evaluate") 
         if args.alpha is None:
             parser.error("--domain-gate needs --alpha: the reject rule is certified on in-domain images")
         attach_domain_gate(model, args.domain_gate, args.domain_weights)
+    # The training images at their own side, decoded once: int8 calibration, the gate's fit and the stress sets.
+    native = (native_splits(model, record, args.data, args.val_fraction, args.split_seed)
+              if args.int8_calibration or args.domain_gate or args.stress else None)
     if args.int8_calibration:
-        train_images, _ = subsample(*native_splits(model, record, args.data, args.val_fraction,
-                                                   args.split_seed)["train"], args.int8_calibration, args.seed)
+        train_images, _ = subsample(*native["train"], args.int8_calibration, args.seed)
         model.quantize_int8(preprocess_uint8(BayesFakeImageProcessor.from_config(model.config), train_images))
     splits = evaluation_data(model, record, args.split, args.data, args.val_fraction, args.split_seed)
     splits = {key: subsample(*splits[key], args.max_eval, args.seed) for key in ("val", args.split)}
     gate_train = stress = None
     if args.domain_gate or args.stress:
-        native = native_splits(model, record, args.data, args.val_fraction, args.split_seed)
         if args.domain_gate:
             gate_train = subsample(*native["train"], args.gate_images, args.seed)
         if model.domain_gate is not None and model.domain_gate.extractor is not None:
