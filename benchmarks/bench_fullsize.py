@@ -1,13 +1,20 @@
-"""Speed of the full-size detector on phone-size photos: images per second at T=30, decoding included.
+"""Speed of a full-size detector on phone-size photos: images per second at T=30, decoding included.
 
-    python benchmarks/bench_fullsize.py [--folder hub_models/wild-effnetlite2-multiview] [--images 12] [--threads 2]
+    python benchmarks/bench_fullsize.py [--folder hub_models/wild-effnetlite0-fivecrop] [--images 12] [--threads 2]
         [--out benchmarks/results_fullsize.md]
+    python benchmarks/bench_fullsize.py --design tf_efficientnet_lite0:224:five_crop [--design ...]
 
 Synthetic 4000x3000 JPEGs (quality 90, smooth colour fields with grain, so the JPEG is as costly to decode as a photo)
 go through the detector's own image processor (JPEG draft decoding to the size the views need, EXIF rotation, the K
 views) and the model at T=30 with its domain gate, in batches of ``--batch``. Reported: the whole pipeline, and its two
 parts (decode + views; the backbone + head + gate), and the decode without draft mode for comparison. The machine's
 load is printed with the result: the 2 cores here are shared with other jobs, which slows every figure.
+
+``--folder`` times a released detector (any full-size release; default: every one in ``hub_models.hub.RELEASED``
+whose layout is multi-view). ``--design BACKBONE:SIZE:LAYOUT`` times a configuration before it is trained: the same
+processor and model code with untrained weights and an MC-Dropout head, but no domain gate (its Mahalanobis distance
+is one matrix product per image, negligible next to the backbone). Each result is one section of ``--out``, replaced
+when the same detector or design is timed again.
 """
 
 from __future__ import annotations
@@ -46,22 +53,56 @@ def timed(fn, repeat: int = 2) -> float:
     return best
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--folder", default=str(ROOT / "hub_models" / "wild-effnetlite2-multiview"))
-    parser.add_argument("--images", type=int, default=12)
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--samples", type=int, default=30)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results_fullsize.md"))
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+def fullsize_releases() -> list[str]:
+    """Folders of the released detectors that take several views of an image (the full-size ones)."""
+    import json
+
+    from hub_models.hub import HUB_MODELS_DIR, RELEASED
+
+    return [str(HUB_MODELS_DIR / name) for name in RELEASED
+            if json.loads((HUB_MODELS_DIR / name / "config.json").read_text()).get("view_layout", "center") != "center"]
+
+
+def load_release(folder: str):
+    """(model, processor, title) of a released detector folder, through the Hub loading path."""
     from transformers import AutoImageProcessor, AutoModel
 
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+    version = getattr(model.config, "release_version", None)
+    return model, processor, f"{Path(folder).name}" + (f" {version}" if version else "")
+
+
+def build_design(design: str):
+    """(model, processor, title) of an untrained ``BACKBONE:SIZE:LAYOUT`` (timing only: no gate, random weights)."""
+    from hub_models import BayesFakeConfig, BayesFakeDetector, BayesFakeImageProcessor
+
+    try:
+        backbone, size, layout = design.split(":")
+        config = BayesFakeConfig(backbone=backbone, image_size=int(size), view_layout=layout, head="mc_dropout",
+                                 head_hidden=[], dropout=0.3, num_samples=30, view_max_side=512)
+    except ValueError as err:
+        raise SystemExit(f"--design must be BACKBONE:SIZE:LAYOUT (e.g. tf_efficientnet_lite0:224:five_crop): {err}")
+    return (BayesFakeDetector(config).eval(), BayesFakeImageProcessor.from_config(config),
+            f"design {design} (untrained, no gate)")
+
+
+def replace_section(path: Path, title: str, section: str) -> None:
+    """Write ``section`` (starting with "## title") into ``path``, replacing an earlier section of that title."""
+    header = "# Full-size detectors: speed on 4000x3000 JPEGs at T=30\n"
+    text = path.read_text() if path.is_file() else header
+    if not text.startswith(header):  # a file from before sections: start afresh
+        text = header
+    parts = text[len(header):].split("\n## ")
+    kept = [part for part in parts if part.strip() and not part.lstrip("# ").startswith(title + "\n")]
+    path.write_text(header + "".join("\n## " + part.lstrip("# ").rstrip("\n") + "\n" for part in kept)
+                    + "\n" + section)
+
+
+def bench(model, processor, title: str, args, command: str) -> str:
+    """Time one detector; return its Markdown section."""
     from hub_models.image_processing_bayesfake import load_image
 
-    model = AutoModel.from_pretrained(args.folder, trust_remote_code=True).eval()
-    processor = AutoImageProcessor.from_pretrained(args.folder, trust_remote_code=True)
     files = [synthetic_jpeg(i) for i in range(args.images)]
     batches = [files[i:i + args.batch] for i in range(0, len(files), args.batch)]
     with torch.no_grad():  # warm-up: first-call allocations and oneDNN kernel selection
@@ -87,21 +128,22 @@ def main(argv: list[str] | None = None) -> None:
         for data in files:
             load_image(data)
 
-    load = os.getloadavg()
+    load = os.getloadavg()  # before the timed runs: what else the cores were doing
     seconds = {"whole pipeline (decode + views + model, T=%d)" % args.samples: timed(pipeline),
                "decode (draft) + views": timed(decode),
                "model only (backbone on K views + head T=%d + gate)" % args.samples: timed(network),
                "decode without draft mode (full 4000x3000, for comparison)": timed(full_decode)}
     rows = "\n".join(f"| {name} | {s:.2f} | {len(files) / s:.2f} |" for name, s in seconds.items())
     per_second = len(files) / next(iter(seconds.values()))
-    text = f"""# Full-size detector speed: {Path(args.folder).name}
+    note = "idle" if load[0] < 2.5 else "the machine's cores were shared with other jobs: every figure is slower"
+    return f"""## {title}
 
-`python benchmarks/bench_fullsize.py --images {args.images} --batch {args.batch} --threads {args.threads}`
+`{command}`
 
 {len(files)} synthetic 4000x3000 JPEGs (quality 90), batches of {args.batch}, {args.threads} torch threads, CPU
 ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), {model.config.num_views} views of
 {model.config.image_size} px per image (`{model.config.view_layout}`), T={args.samples}. Best of 2 runs. Load average
-when it started: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (the machine's cores were shared with other jobs).
+when it started: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} ({note}).
 
 | part | seconds | images/s |
 |---|---|---|
@@ -110,8 +152,29 @@ when it started: {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (the machine's co
 Target: >= 5 images/s at T=30 on 2 cores, decoding included. Measured: **{per_second:.2f} images/s**
 ({"met" if per_second >= 5 else "not met"} here).
 """
-    Path(args.out).write_text(text)
-    print(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--folder", action="append", help="a released detector folder (repeatable; default: every "
+                        "full-size release)")
+    parser.add_argument("--design", action="append", default=[], help="BACKBONE:SIZE:LAYOUT, untrained (repeatable)")
+    parser.add_argument("--images", type=int, default=12)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--samples", type=int, default=30)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results_fullsize.md"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    folders = args.folder or ([] if args.design else fullsize_releases())
+    for target in [*folders, *args.design]:
+        model, processor, title = load_release(target) if target in folders else build_design(target)
+        flag = f"--folder {os.path.relpath(Path(target).resolve(), ROOT)}" if target in folders else f"--design {target}"
+        command = (f"OMP_NUM_THREADS={args.threads} python benchmarks/bench_fullsize.py {flag} --images {args.images} "
+                   f"--batch {args.batch} --threads {args.threads}")
+        section = bench(model, processor, title, args, command)
+        replace_section(Path(args.out), title, section)
+        print(section, flush=True)
 
 
 if __name__ == "__main__":

@@ -28,9 +28,22 @@ DOMAIN_OWN_FEATURES = "features"
 # How ``threshold`` is chosen on validation (train.calibration.choose_thresholds): F1 of the FAKE class, Youden's J
 # (TPR - FPR, the ROC point farthest above the diagonal), or a plain 0.5.
 THRESHOLD_RULES = ("f1_optimal", "youden_j", "0.5")
-# How the image processor turns one image into views at ``image_size`` (see ``BayesFakeConfig.view_layout``) and how
-# many each layout makes: "center" is the one thumbnail every detector before the full-size one sees.
-VIEW_LAYOUTS = {"center": 1, "whole_corners": 5, "five_crop": 5, "whole_five_crop": 6}
+# What an autoencoder detector's ``reconstruction_error`` measures between the image and its reconstruction: the mean
+# absolute pixel error; the mean absolute error of their high-pass residuals (x - 3x3 Gaussian blur of x: the detail
+# the decoder fails to rebuild); or an LPIPS-style distance on the encoder's own first three feature stages (frozen
+# ImageNet layers when training left them frozen). Chosen by which tells wild images from CIFAKE best (issue 15).
+RECONSTRUCTION_METRICS = ("l1", "highpass", "perceptual")
+# How the image processor turns one image into views at ``image_size`` (see ``BayesFakeConfig.view_layout``): the
+# views of each multi-view layout, in order. The one registry of layouts: the image processor (shipped next to this
+# file in every release, and importing it relatively, as the modeling file does) cuts exactly these views.
+VIEW_NAMES = {"whole_corners": ("whole", "corner_tl", "corner_tr", "corner_bl", "corner_br"),
+              "five_crop": ("corner_tl", "corner_tr", "corner_bl", "corner_br", "centre"),
+              "whole_five_crop": ("whole", "corner_tl", "corner_tr", "corner_bl", "corner_br", "centre"),
+              # fewer views, for speed: the whole copy and its centre; the diagonal (two corners and the centre)
+              "whole_centre": ("whole", "centre"),
+              "diagonal": ("corner_tl", "centre", "corner_br")}
+# How many views each layout makes: "center" is the one thumbnail every detector before the full-size one sees.
+VIEW_LAYOUTS = {"center": 1, **{name: len(views) for name, views in VIEW_NAMES.items()}}
 
 
 class BayesFakeConfig(PretrainedConfig):
@@ -73,7 +86,9 @@ class BayesFakeConfig(PretrainedConfig):
             reached; None when it was not chosen with a guarantee.
         decoder_widths: channels of the BatchNorm decoder of an autoencoder detector (timm backbones only), one per
             doubling of the side from the encoder's last feature map; empty = no decoder. With one the output adds
-            ``reconstruction_error`` [B] (mean absolute pixel error of the image rebuilt from its own features).
+            ``reconstruction_error`` [B] (how far the image rebuilt from its own features is from the image, as
+            ``reconstruction_metric`` measures it).
+        reconstruction_metric: what ``reconstruction_error`` measures, one of ``RECONSTRUCTION_METRICS``.
         greyscale: the detector sees the luminance of its input only (ITU-R BT.601, as PIL's "L"), replicated to three
             channels for the encoder; its decoder rebuilds that one channel. Autoencoder detectors only.
         threshold_rule: how ``threshold`` is chosen on validation, one of ``THRESHOLD_RULES``.
@@ -85,8 +100,10 @@ class BayesFakeConfig(PretrainedConfig):
             ``VIEW_LAYOUTS``: "center" (one view: shorter side resized, centre-cropped), or views of a copy whose
             longer side is at most ``view_max_side`` px ("whole_corners": the whole copy resized and centre-cropped
             plus its four corner crops at native scale; "five_crop": its four corners and its centre;
-            "whole_five_crop": all six). With more than one view ``pixel_values`` is [B, K, 3, S, S]: the frozen
-            backbone runs once per view, the K features are averaged, and only the head is sampled.
+            "whole_five_crop": all six; "whole_centre": the whole copy and its centre; "diagonal": the top-left and
+            bottom-right corners and the centre; ``VIEW_NAMES`` lists each layout's views). With more than one view
+            ``pixel_values`` is [B, K, 3, S, S]: the frozen backbone runs once per view, the K features are averaged,
+            and only the head is sampled.
         view_max_side: longer side (px) of the copy the views are cut from (multi-view layouts only): the scale of
             the training images, so a 4000x3000 phone photo is judged at the scale the detector learned.
     """
@@ -130,6 +147,7 @@ class BayesFakeConfig(PretrainedConfig):
         decoder_widths: list[int] | tuple[int, ...] = (),
         greyscale: bool = False,
         threshold_rule: str = "f1_optimal",
+        reconstruction_metric: str = "l1",
         view_layout: str = "center",
         view_max_side: int = 512,
         **kwargs,
@@ -171,6 +189,7 @@ class BayesFakeConfig(PretrainedConfig):
         self.decoder_widths = [int(w) for w in decoder_widths]
         self.greyscale = greyscale
         self.threshold_rule = threshold_rule
+        self.reconstruction_metric = reconstruction_metric
         self.view_layout = view_layout
         self.view_max_side = view_max_side
         super().__init__(**kwargs)
@@ -257,6 +276,8 @@ class BayesFakeConfig(PretrainedConfig):
             fail("greyscale", "only autoencoder detectors (decoder_widths set) have a greyscale variant")
         if self.threshold_rule not in THRESHOLD_RULES:
             fail("threshold_rule", f"must be one of {THRESHOLD_RULES}")
+        if self.reconstruction_metric not in RECONSTRUCTION_METRICS:
+            fail("reconstruction_metric", f"must be one of {RECONSTRUCTION_METRICS}")
         if self.view_layout not in VIEW_LAYOUTS:
             fail("view_layout", f"must be one of {tuple(VIEW_LAYOUTS)}")
         if self.view_layout != "center" and self.backbone == SCRATCH_CNN:

@@ -16,6 +16,9 @@ import torch
 from PIL import Image, ImageOps
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 
+# The layouts' views (one registry, next to the config that names the layout; a release ships both files).
+from .configuration_bayesfake import VIEW_NAMES
+
 try:  # HEIC/HEIF (iPhone photos) where the optional decoder is installed; by name: no dependency to pin or ship
     importlib.import_module("pillow_heif").register_heif_opener()
 except ImportError:
@@ -125,11 +128,6 @@ def image_views(image: Image.Image, size: int, layout: str, max_side: int, resam
     views["whole"] = resize_center_crop(image, size, resample)
     return [views[name] for name in VIEW_NAMES[layout]]
 
-
-# The views of each multi-view layout, in order (``BayesFakeConfig.view_layout``).
-VIEW_NAMES = {"whole_corners": ("whole", "corner_tl", "corner_tr", "corner_bl", "corner_br"),
-              "five_crop": ("corner_tl", "corner_tr", "corner_bl", "corner_br", "centre"),
-              "whole_five_crop": ("whole", "corner_tl", "corner_tr", "corner_bl", "corner_br", "centre")}
 
 
 class BayesFakeImageProcessor(BaseImageProcessor):

@@ -192,3 +192,92 @@ def test_space_does_not_warn_about_size_for_a_multiview_detector():
     assert domain_warnings(image, tiny_multiview().config) == []
     thumbnail_detector = BayesFakeConfig(image_size=32)
     assert any("far from the training data" in w for w in domain_warnings(image, thumbnail_detector))
+
+
+def test_one_registry_of_view_layouts():
+    from hub_models.configuration_bayesfake import VIEW_LAYOUTS, VIEW_NAMES
+
+    assert VIEW_LAYOUTS["center"] == 1
+    assert all(VIEW_LAYOUTS[name] == len(views) for name, views in VIEW_NAMES.items())
+    assert set(VIEW_LAYOUTS) == {"center", *VIEW_NAMES}
+    for layout in VIEW_NAMES:  # every layout the config accepts is one the processor cuts, and the other way round
+        config = BayesFakeConfig(backbone="tf_efficientnet_lite0", image_size=SIZE, view_layout=layout,
+                                 view_max_side=64)
+        out = BayesFakeImageProcessor.from_config(config)(left_red_right_blue(400, 300))["pixel_values"]
+        assert out.shape == (1, config.num_views, 3, SIZE, SIZE)
+
+
+def test_fewer_view_layouts_cut_the_views_they_name():
+    image = left_red_right_blue(400, 300)
+    diagonal = BayesFakeImageProcessor(size=SIZE, view_layout="diagonal", view_max_side=64)(image)["pixel_values"]
+    assert diagonal.shape == (1, 3, 3, SIZE, SIZE)
+    assert diagonal[0, 0, 0].mean() > 0.9 and diagonal[0, 2, 2].mean() > 0.9  # top-left red, bottom-right blue
+    pair = BayesFakeImageProcessor(size=SIZE, view_layout="whole_centre", view_max_side=64)(image)["pixel_values"]
+    assert pair.shape == (1, 2, 3, SIZE, SIZE)
+    # the whole view is resized and centre-cropped: half red, half blue; the centre crop straddles the boundary too
+    assert abs(pair[0, 0, 0].mean() - pair[0, 0, 2].mean()) < 0.2
+    np.testing.assert_allclose(layout_features(np.arange(12.0).reshape(1, 6, 2), "whole_centre"), [[5.0, 6.0]])
+
+
+def synthetic_wild(n_per_group: int = 24, dim: int = 1280, seed: int = 0):
+    """Features [N, dim] and a WildSplit of two real sources and three generators: FAKE features are shifted."""
+    rng = np.random.default_rng(seed)
+    groups = [("A", "none", 0), ("B", "none", 0), ("web", "g1", 1), ("web", "g2", 1), ("web", "g3", 1)]
+    sources, generators, labels = (np.array([g[i] for g in groups for _ in range(n_per_group)]) for i in range(3))
+    labels = labels.astype(np.int64)
+    features = rng.normal(size=(len(labels), dim)).astype(np.float32) + 0.15 * labels[:, None]
+    return features, WildSplit([b""] * len(labels), labels, sources, generators)
+
+
+def test_leave_one_group_out_predicts_each_image_by_the_head_that_never_saw_its_group():
+    from train.fullsize import fold_heads, group_folds, out_of_fold_predictions
+    from train.prediction import predict
+
+    features, data = synthetic_wild()
+    folds = group_folds(data)
+    assert len(folds) == 5
+    for fit, held in folds:
+        assert len(set(data.group[held])) == 1 and data.group[held][0] not in set(data.group[fit])
+    model = tiny_multiview()
+    cfg = {"epochs": 3, "lr": 1e-3, "weight_decay": 1e-3, "seed": 0}
+    heads = fold_heads(model, features, data.labels, folds, [8], cfg)
+    oof = out_of_fold_predictions(model, features, data.labels, folds, heads, keep_sample_logits=True)
+    assert oof.sample_logits.shape == (30, len(data), 2)
+    _, held = folds[3]
+    model.head = heads[3]
+    direct = predict(model, features[held], data.labels[held], progress=False)
+    np.testing.assert_allclose(oof.p_fake[held], direct.p_fake, atol=1e-6)
+    np.testing.assert_array_equal(oof.labels, data.labels)
+
+
+def test_grouped_calibration_sets_every_fitted_value_and_keeps_the_final_head():
+    from train.domain import attach_domain_gate, fit_domain_gate
+    from train.fullsize import calibrate_grouped, fold_heads, group_folds, train_head
+
+    features, data = synthetic_wild()
+    model = tiny_multiview()
+    cfg = {"epochs": 5, "lr": 1e-3, "weight_decay": 1e-3, "seed": 0, "alpha": 0.4, "delta": 0.1}
+    folds = group_folds(data)
+    heads = fold_heads(model, features, data.labels, folds, [8], cfg)
+    train_head(model, features, data.labels, cfg["epochs"], cfg["lr"], cfg["weight_decay"], cfg["seed"])
+    attach_domain_gate(model, "features")
+    fit_domain_gate(model, features, data.labels, progress=False)
+    final_head, final_gate = model.head, model.domain_gate
+    fitted = calibrate_grouped(model, features, data, folds, heads, cfg)
+    assert model.head is final_head and model.domain_gate is final_gate and model.config.domain_gate == "features"
+    assert model.config.domain_threshold == fitted["domain_threshold"] > 0
+    assert model.config.calibration_temperature == fitted["calibration"]["temperature"] > 0
+    assert 0 < model.config.threshold < 1
+    assert fitted["abstention"]["alpha"] == 0.4 and fitted["calibration"]["certify_n"] == len(data) // 2
+    out = model.forward_features(torch.from_numpy(features[:4]), num_samples=30)
+    assert out.in_domain.shape == (4,) and len(model.verdicts(out)) == 4
+
+
+def test_choose_layout_prefers_fewer_views_within_the_tolerance():
+    from train.fullsize import choose_layout
+
+    candidates = {"a": ("five_crop", [], None), "b": ("whole_centre", [], None), "c": ("diagonal", [], None)}
+    scores = {"a": 0.900, "b": 0.897, "c": 0.880}
+    assert choose_layout(scores, candidates, 0.0) == "a"
+    assert choose_layout(scores, candidates, 0.005) == "b"
+    assert choose_layout(scores, candidates, 0.05) == "b"

@@ -181,7 +181,13 @@ def certify_reject_rule(model, inputs, labels, alpha: float = ALPHA, delta: floa
     ``config.abstention`` and return that record. Run it after every other fitted value (temperature, threshold,
     domain gate): the rule is certified for the detector as it is then."""
     preds = predict(model, inputs, labels, num_samples, batch_size, seed, progress, domain_inputs=domain_inputs)
-    inside = np.ones(len(preds), bool) if preds.in_domain is None else preds.in_domain
+    return certify_reject_rule_on(model, preds, alpha, delta)
+
+
+def certify_reject_rule_on(model, preds: Predictions, alpha: float = ALPHA, delta: float = DELTA) -> dict:
+    """``certify_reject_rule`` on predictions already made (e.g. out-of-fold predictions of models that held out each
+    calibration image's group), with the detector's threshold; sets and returns ``config.abstention``."""
+    inside = np.ones(len(preds), bool) if preds.in_domain is None else np.asarray(preds.in_domain, bool)
     rule = certify_reject_entropy(preds.predictive_entropy[inside], preds.wrong(model.config.threshold)[inside],
                                   alpha, delta)
     model.config.reject_entropy = rule.reject_entropy

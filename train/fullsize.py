@@ -7,13 +7,21 @@ per generator and per source, and exported as a Hub folder.
 
 Steps (everything chosen on validation, test touched once at the end):
 1. per-view backbone features of wild train and test (``train.wild.view_features``, cached and resumable);
-2. validation = whole groups never seen in fitting (``val_groups``: a real source and generators) plus a seeded share
-   of every other group; the rest fits the head;
-3. for each view layout in ``layouts``, an MC-Dropout head on the mean of its views' features; the layout with the best
-   validation ROC-AUC is kept;
+2. validation, one of two kinds (``validation`` in the YAML):
+   - ``held_out_groups`` (release 1.0.0 of wild-effnetlite2-multiview): whole groups never seen in fitting
+     (``val_groups``: a real source and generators) plus a seeded share of every other group; the rest fits the head;
+   - ``leave_one_group_out``: every group of wild train (a real source, or a generator) is held out once and predicted
+     by a head trained on all the others (sklearn ``LeaveOneGroupOut``), so every one of the 1,235 train images gets an
+     out-of-fold prediction made as test predictions are: by a model that never saw its source or generator. A
+     temperature fitted on a random split of the same sources is over-confident on unseen ones;
+3. for each view layout in ``layouts`` and head in ``head_hidden_choices``, an MC-Dropout head on the mean of its views'
+   features; the best validation ROC-AUC wins (with ``layout_tolerance``: the layout with the fewest views within
+   that of the best, since views cost time);
 4. domain gate (one Gaussian per class on the head's training features), temperature and threshold fitted on one half
    of validation (``train.calibration.calibration_halves``), the domain threshold there too (99% pass), and the
-   reject rule certified on the other half with Learn-then-Test at ``alpha`` / ``delta``;
+   reject rule certified on the other half with Learn-then-Test at ``alpha`` / ``delta``. With
+   ``leave_one_group_out`` these halves are of the out-of-fold predictions (the domain scores too come from gates
+   fitted without the image's group), and the released head is then trained on all of wild train;
 5. wild test: overall metrics and, per generator and per source, accuracy, answered share and accuracy among the
    answered (``report.json`` and ``report.md`` in ``--out``).
 """
@@ -29,16 +37,22 @@ from pathlib import Path
 import numpy as np
 import torch
 import yaml
+from sklearn.model_selection import LeaveOneGroupOut
 
 from hub_models import BayesFakeConfig, BayesFakeDetector
+from hub_models.configuration_bayesfake import VIEW_LAYOUTS
 from hub_models.modeling_bayesfake import make_head
 from train.abstention import selective_outcome
-from train.calibration import calibrate_on_validation, calibration_halves, certify_reject_rule
-from train.domain import attach_domain_gate, choose_domain_threshold, fit_domain_gate
+from train.calibration import (calibrate_on_validation, calibration_halves, certify_reject_rule,
+                               certify_reject_rule_on, choose_thresholds, fit_temperature)
+from train.domain import IN_DOMAIN_PASS, attach_domain_gate, choose_domain_threshold, domain_scores, fit_domain_gate
 from train.features import load_backbone_weights
-from train.metrics import auroc, compute_metrics
-from train.prediction import predict
+from train.metrics import auroc, calibration_metrics, compute_metrics
+from train.prediction import Predictions, predict
 from train.wild import layout_features, load_wild, view_features
+
+VALIDATIONS = ("held_out_groups", "leave_one_group_out")
+BACKBONE_NAMES = {"tf_efficientnet_lite0": "EfficientNet-Lite0", "tf_efficientnet_lite2": "EfficientNet-Lite2"}
 
 WILD_LICENCES = (
     "wild (../shared/data/wild, development set): dcsan/imagen (renders of 2022 text-to-image models; no licence file), "
@@ -85,6 +99,116 @@ def train_head(model, features: np.ndarray, labels: np.ndarray, epochs: int, lr:
             loss.backward()
             optimizer.step()
     model.eval()
+
+
+def fresh_head(model, hidden: list[int]) -> None:
+    """Give ``model`` a new, untrained head with hidden layers ``hidden`` (``config.head_hidden`` follows)."""
+    model.config.head_hidden = list(hidden)
+    model.head = make_head(model.config, model.backbone.num_features)
+
+
+def group_folds(data) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(fit, held-out) indices, one fold per group of ``data`` (a real source or a generator): LeaveOneGroupOut."""
+    return list(LeaveOneGroupOut().split(data.labels, data.labels, data.group))
+
+
+def fold_heads(model, features: np.ndarray, labels: np.ndarray, folds, hidden: list[int], cfg: dict) -> list:
+    """One trained head per fold, each on the fold's fitting part only."""
+    heads = []
+    for fit, _ in folds:
+        fresh_head(model, hidden)
+        train_head(model, features[fit], labels[fit], cfg["epochs"], cfg["lr"], cfg["weight_decay"], cfg["seed"])
+        heads.append(model.head)
+    return heads
+
+
+def take(preds: Predictions, index) -> Predictions:
+    """The predictions of the images ``index`` (sample logits too)."""
+    fields = {name: (None if value is None else value[:, index] if name == "sample_logits" else value[index])
+              for name, value in vars(preds).items() if name != "num_samples"}
+    return Predictions(num_samples=preds.num_samples, **fields)
+
+
+def out_of_fold_predictions(model, features: np.ndarray, labels: np.ndarray, folds, heads,
+                            keep_sample_logits: bool = False) -> Predictions:
+    """Every image predicted by the head of the fold that held it out (the model's own temperature, no gate), in the
+    images' order: the detector's own inference path, ``predict``, once per fold."""
+    order = np.concatenate([held for _, held in folds])
+    parts = []
+    for (_, held), head in zip(folds, heads):
+        model.head = head
+        parts.append(predict(model, features[held], labels[held], progress=False,
+                             keep_sample_logits=keep_sample_logits))
+    merged = {}
+    for name, value in vars(parts[0]).items():
+        if name == "num_samples" or value is None:
+            continue
+        axis = 1 if name == "sample_logits" else 0
+        stacked = np.concatenate([getattr(part, name) for part in parts], axis=axis)
+        merged[name] = np.empty_like(stacked)
+        if axis:
+            merged[name][:, order] = stacked
+        else:
+            merged[name][order] = stacked
+    return Predictions(num_samples=parts[0].num_samples, **merged)
+
+
+def out_of_fold_domain_scores(model, features: np.ndarray, labels: np.ndarray, folds) -> np.ndarray:
+    """Each image's domain score under a gate fitted on its fold's fitting part only (so a held-out source or
+    generator looks as far from the training data as an unseen one at test time). Leaves the model without a gate."""
+    scores = np.empty(len(labels), dtype=np.float64)
+    for fit, held in folds:
+        attach_domain_gate(model, "features")
+        fit_domain_gate(model, features[fit], labels[fit], progress=False)
+        scores[held] = domain_scores(model, features[held], progress=False)
+    model.domain_gate, model.config.domain_gate, model.config.domain_threshold = None, None, None
+    return scores
+
+
+def choose_layout(val_auroc: dict[str, float], candidates: dict, tolerance: float) -> str:
+    """The candidate with the best validation ROC-AUC, or with ``tolerance`` > 0 the one with the fewest views (then
+    the best ROC-AUC) among those within ``tolerance`` of the best."""
+    best = max(val_auroc, key=val_auroc.get)
+    close = [key for key, value in val_auroc.items() if value >= val_auroc[best] - tolerance]
+    return min(close, key=lambda key: (VIEW_LAYOUTS[candidates[key][0]], -val_auroc[key]))
+
+
+def calibrate_grouped(model, x_train: np.ndarray, data, folds, heads, cfg: dict) -> dict:
+    """Temperature, threshold, domain threshold and certified reject rule of ``model`` from out-of-fold predictions of
+    wild train (``heads``, one per group held out): the first stratified half fits the temperature, the threshold and
+    the domain threshold (99% of its out-of-fold domain scores pass), the second certifies the reject rule.
+    ``model`` must carry its final head and fitted gate; they are put back after the fold heads are used."""
+    labels = data.labels
+    final_head, final_gate = model.head, model.domain_gate
+    gate_config = (model.config.domain_gate, model.config.domain_threshold)
+    model.domain_gate, model.config.domain_gate = None, None
+    scores = out_of_fold_domain_scores(model, x_train, labels, folds)
+    half_fit, half_certify = calibration_halves(labels, cfg["seed"])
+    model.config.calibration_temperature = 1.0
+    raw = out_of_fold_predictions(model, x_train, labels, folds, heads, keep_sample_logits=True)
+    before = calibration_metrics(take(raw, half_fit))
+    model.config.calibration_temperature = fit_temperature(raw.sample_logits[:, half_fit], labels[half_fit])
+    preds = out_of_fold_predictions(model, x_train, labels, folds, heads)
+    after = calibration_metrics(take(preds, half_fit))
+    thresholds = choose_thresholds(take(preds, half_fit), rule=model.config.threshold_rule)
+    model.config.threshold = thresholds["chosen"]
+    domain_threshold = float(np.quantile(scores[half_fit], IN_DOMAIN_PASS, method="higher"))
+    preds.domain_score, preds.in_domain = scores.astype(np.float32), scores <= domain_threshold
+    abstention = certify_reject_rule_on(model, take(preds, half_certify), cfg["alpha"], cfg["delta"])
+    model.head, model.domain_gate = final_head, final_gate
+    model.config.domain_gate, model.config.domain_threshold = gate_config[0], domain_threshold
+    certify_part = take(preds, half_certify)
+    return {
+        "thresholds": thresholds, "domain_threshold": domain_threshold, "abstention": abstention,
+        "calibration": {"temperature": model.config.calibration_temperature,
+                        "threshold_rule": model.config.threshold_rule,
+                        "fit_n": int(len(half_fit)), "certify_n": int(len(half_certify)),
+                        "oof_nll_before": before["cal/nll"], "oof_nll_after": after["cal/nll"],
+                        "oof_ece_before": before["cal/ece"], "oof_ece_after": after["cal/ece"],
+                        "oof_auroc": float(auroc(labels, preds.p_fake)),
+                        "oof_ece_certify_half": calibration_metrics(certify_part)["cal/ece"],
+                        "oof_in_domain_share": float(preds.in_domain.mean())},
+    }
 
 
 def group_rows(preds, data, threshold: float, reject_entropy: float | None) -> list[dict]:
@@ -142,9 +266,23 @@ def markdown_report(report: dict) -> str:
     lines += ["", f"Reject rule: answer when in domain and predictive entropy <= {report['reject_entropy']} nats, "
               f"certified on {a['calibration_n']} validation images (Learn-then-Test, alpha = {a['alpha']}, "
               f"delta = {a['delta']}; certified: {a['certified']}, calibration coverage {pct(a['coverage'])}). "
-              f"alpha = 0.01 cannot be certified on so few calibration images. Validation: {report['val_n']} images "
-              f"({', '.join(report['val_groups'])} held out whole), fitting: {report['fit_n']}.", ""]
+              f"alpha = 0.01 cannot be certified on so few calibration images. " + validation_text(report), ""]
     return "\n".join(lines)
+
+
+def validation_text(report: dict) -> str:
+    """How validation was made, in words (the report's and the card's)."""
+    if report.get("validation", "held_out_groups") == "held_out_groups":
+        return (f"Validation: {report['val_n']} images ({', '.join(report['val_groups'])} held out whole), "
+                f"fitting: {report['fit_n']}.")
+    c = report["calibration"]["calibration"]
+    return (f"Validation: out-of-fold predictions of all {report['val_n']} wild train images, each by a head trained "
+            f"with its whole group left out (leave-one-group-out over {len(report['val_groups'])} groups: "
+            f"{', '.join(report['val_groups'])}); temperature ({c['temperature']:.3f}), threshold and domain threshold "
+            f"fitted on {c['fit_n']} of them, the rule certified on the other {c['certify_n']}; out-of-fold ROC-AUC "
+            f"{c['oof_auroc']:.3f}, ECE {c['oof_ece_before']:.3f} before and {c['oof_ece_after']:.3f} after the "
+            f"temperature ({c['oof_ece_certify_half']:.3f} on the certifying half). The released head is trained on "
+            f"all {report['fit_n']} train images.")
 
 
 def card_sections(report: dict) -> str:
@@ -168,41 +306,64 @@ def main(argv: list[str] | None = None) -> None:
     load_backbone_weights(model, cfg["backbone_weights"])
     train, test = load_wild("train"), load_wild("test")
     train_views, test_views = view_features(model, train, "train"), view_features(model, test, "test")
-    fit, val = validation_split(train, cfg["val_groups"], cfg["val_random_fraction"], cfg["seed"])
+    validation = cfg.get("validation", "held_out_groups")
+    if validation not in VALIDATIONS:
+        raise ValueError(f"validation must be one of {VALIDATIONS}; got {validation!r}")
+    grouped = validation == "leave_one_group_out"
+    if grouped:  # every image is validation once, predicted by a head that never saw its group
+        folds = group_folds(train)
+        fit, val = np.arange(len(train)), np.arange(len(train))
+    else:
+        fit, val = validation_split(train, cfg["val_groups"], cfg["val_random_fraction"], cfg["seed"])
     y_fit, y_val = train.labels[fit], train.labels[val]
 
     layout_auroc, heads = {}, {}
     for hidden in cfg.get("head_hidden_choices", [cfg["model"].get("head_hidden", [])]):
         for layout in cfg["layouts"]:
-            model.config.head_hidden = list(hidden)
-            model.head = make_head(model.config, model.backbone.num_features)
-            train_head(model, layout_features(train_views[fit], layout), y_fit, cfg["epochs"], cfg["lr"],
-                       cfg["weight_decay"], cfg["seed"])
-            preds = predict(model, layout_features(train_views[val], layout), y_val, progress=False)
             key = f"{layout} hidden={list(hidden)}"
+            if grouped:
+                x_layout = layout_features(train_views, layout)
+                heads[key] = (layout, list(hidden), fold_heads(model, x_layout, train.labels, folds, hidden, cfg))
+                model.config.calibration_temperature = 1.0
+                preds = out_of_fold_predictions(model, x_layout, train.labels, folds, heads[key][2])
+            else:
+                fresh_head(model, hidden)
+                train_head(model, layout_features(train_views[fit], layout), y_fit, cfg["epochs"], cfg["lr"],
+                           cfg["weight_decay"], cfg["seed"])
+                preds = predict(model, layout_features(train_views[val], layout), y_val, progress=False)
+                heads[key] = (layout, list(hidden), model.head)
             layout_auroc[key] = float(auroc(y_val, preds.p_fake))
-            heads[key] = (layout, list(hidden), model.head)
             print(f"{key}: validation ROC-AUC {layout_auroc[key]:.4f}", flush=True)
-    best = max(layout_auroc, key=layout_auroc.get)
-    layout, hidden, model.head = heads[best]
+    best = choose_layout(layout_auroc, heads, cfg.get("layout_tolerance", 0.0))
+    layout, hidden, chosen_head = heads[best]
     model.config.head_hidden = hidden
     model.config.view_layout = layout
     model.config.validate_bayesfake()
     x_fit, x_val = layout_features(train_views[fit], layout), layout_features(train_views[val], layout)
     x_test = layout_features(test_views, layout)
 
-    attach_domain_gate(model, "features")
-    fit_domain_gate(model, x_fit, y_fit, progress=False)
-    half_fit, half_certify = calibration_halves(y_val, cfg["seed"])
-    domain_threshold = choose_domain_threshold(model, x_val[half_fit], progress=False)
-    calibration = calibrate_on_validation(model, x_val[half_fit], y_val[half_fit], progress=False)
-    abstention = certify_reject_rule(model, x_val[half_certify], y_val[half_certify], alpha=cfg["alpha"],
-                                     delta=cfg["delta"], progress=False)
+    if grouped:  # the released head: trained on all of wild train; its calibration from the fold heads' predictions
+        fresh_head(model, hidden)
+        train_head(model, x_fit, y_fit, cfg["epochs"], cfg["lr"], cfg["weight_decay"], cfg["seed"])
+        attach_domain_gate(model, "features")
+        fit_domain_gate(model, x_fit, y_fit, progress=False)
+        fitted = calibrate_grouped(model, x_fit, train, folds, chosen_head, cfg)
+        calibration, domain_threshold, abstention = fitted, fitted["domain_threshold"], fitted["abstention"]
+    else:
+        model.head = chosen_head
+        attach_domain_gate(model, "features")
+        fit_domain_gate(model, x_fit, y_fit, progress=False)
+        half_fit, half_certify = calibration_halves(y_val, cfg["seed"])
+        domain_threshold = choose_domain_threshold(model, x_val[half_fit], progress=False)
+        calibration = calibrate_on_validation(model, x_val[half_fit], y_val[half_fit], progress=False)
+        abstention = certify_reject_rule(model, x_val[half_certify], y_val[half_certify], alpha=cfg["alpha"],
+                                         delta=cfg["delta"], progress=False)
     model.config.training_data = list(cfg["model"].get("training_data", ["wild"]))
     model.config.training_domain = (
         "wild train: real photographs (BSDS500, Urban100) and images of 7 text-to-image generators of 2021-2022 "
         "(dalle-mini, GLID-3-XL, latent diffusion, Simulacra, Stable Diffusion 2022, Disco Diffusion, Majesty "
-        "Diffusion), longer side <= 512 px, JPEG 90; seen through a frozen ImageNet EfficientNet-Lite2 on "
+        f"Diffusion), longer side <= 512 px, JPEG 90; seen through a frozen ImageNet "
+        f"{BACKBONE_NAMES.get(model.config.backbone, model.config.backbone)} on "
         f"{model.config.num_views} views ({layout}) of a copy at most {model.config.view_max_side} px on its longer side")
 
     preds = predict(model, x_test, test.labels, progress=False)
@@ -211,7 +372,8 @@ def main(argv: list[str] | None = None) -> None:
                                      model.config.reject_entropy))
     report = {
         "name": cfg["name"], "dataset": "wild", "split": "test", "num_samples": int(model.config.num_samples),
-        "layout": layout, "head_hidden": hidden, "layout_val_auroc": layout_auroc, "val_groups": cfg["val_groups"],
+        "layout": layout, "head_hidden": hidden, "layout_val_auroc": layout_auroc, "validation": validation,
+        "val_groups": sorted(set(train.group)) if grouped else cfg["val_groups"],
         "fit_n": int(len(fit)), "val_n": int(len(val)), "calibration": calibration,
         "domain_threshold": domain_threshold, "abstention": abstention,
         "reject_entropy": model.config.reject_entropy,
@@ -229,7 +391,8 @@ def main(argv: list[str] | None = None) -> None:
         from hub_models.export import export_detector
 
         folder = export_detector(model, args.export, report, command=report["command"], version=args.version,
-                                 notes="First release: a multi-view detector for full-size photos, trained on wild.")
+                                 notes=cfg.get("notes", "First release: a multi-view detector for full-size "
+                                                            "photos, trained on wild."))
         history = {"config": cfg, "layout_val_auroc": layout_auroc, "layout": layout, "fit_n": int(len(fit)),
                    "val_n": int(len(val)), "calibration": calibration, "seconds": report["seconds"]}
         (folder / "train_history.json").write_text(json.dumps(history, indent=2) + "\n")

@@ -22,7 +22,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from hub_models.image_processing_bayesfake import VIEW_NAMES, BayesFakeImageProcessor
+from hub_models.configuration_bayesfake import VIEW_NAMES
+from hub_models.image_processing_bayesfake import BayesFakeImageProcessor
 from train.data import default_cache_dir
 
 WILD = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wild"
