@@ -433,8 +433,22 @@ class TimmBackbone(nn.Module):
 
 
 def reconstruction_error(reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean absolute pixel error [B] of an autoencoder detector's reconstruction (what ``forward`` reports)."""
+    """Mean absolute pixel error [B] of an autoencoder detector's reconstruction (``reconstruction_metric`` "l1")."""
     return (reconstruction - target).abs().flatten(1).mean(1).float()
+
+
+def highpass_residual(images: torch.Tensor) -> torch.Tensor:
+    """``images`` minus their 3x3 Gaussian blur (sigma 1, reflected borders, as torchvision's ``gaussian_blur``): the
+    finest detail, [B, C, S, S]."""
+    taps = torch.exp(-torch.tensor([-1.0, 0.0, 1.0], device=images.device) ** 2 / 2)
+    kernel = torch.outer(taps, taps) / taps.sum() ** 2
+    c = images.shape[1]
+    blurred = F.conv2d(F.pad(images, (1, 1, 1, 1), mode="reflect"),
+                       kernel.to(images.dtype).expand(c, 1, 3, 3), groups=c)
+    return images - blurred
+
+
+PERCEPTUAL_STAGES = 3  # the encoder's first feature stages the "perceptual" reconstruction error compares
 
 
 class ConvDecoder(nn.Module):
@@ -881,7 +895,29 @@ class BayesFakeDetector(BayesFakePreTrainedModel):
         param = next(self.parameters())
         _, reconstruction, target = self.autoencode(pixel_values.to(device=param.device, dtype=param.dtype))
         return {"reconstruction": reconstruction, "target": target, "error_map": (reconstruction - target).abs().mean(1),
-                "reconstruction_error": reconstruction_error(reconstruction, target)}
+                "reconstruction_error": self.reconstruction_score(reconstruction, target)}
+
+    @torch.no_grad()
+    def reconstruction_score(self, reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``reconstruction_error`` [B] as ``config.reconstruction_metric`` defines it: "l1", mean |r - t|;
+        "highpass", mean |HP(r) - HP(t)| with HP = ``highpass_residual``; "perceptual", over the encoder's first
+        ``PERCEPTUAL_STAGES`` feature stages, features unit-normalised over channels, squared differences summed over
+        channels, averaged over space, summed over the stages (train.losses.PerceptualDistance's formula, on the
+        detector's own encoder: one pass of its early stages over both images)."""
+        metric = self.config.reconstruction_metric
+        if metric == "l1":
+            return reconstruction_error(reconstruction, target)
+        if metric == "highpass":
+            return reconstruction_error(highpass_residual(reconstruction), highpass_residual(target))
+        mean, std = self._pixel_range(target)
+        pair = (torch.cat([reconstruction, target]).expand(-1, 3, -1, -1) - mean) / std
+        stages = self.backbone.model.forward_intermediates(pair, indices=list(range(PERCEPTUAL_STAGES)),
+                                                           stop_early=True, intermediates_only=True)
+        total = target.new_zeros(target.shape[0], dtype=torch.float32)
+        for stage in stages:
+            a, b = F.normalize(stage.float(), dim=1, eps=1e-10).chunk(2)
+            total = total + (a - b).pow(2).sum(1).flatten(1).mean(1)
+        return total
 
     def sample_head_logits(self, features: torch.Tensor, batch: int, num_samples: int,
                            stochastic: bool = True) -> torch.Tensor:
@@ -1006,7 +1042,7 @@ class BayesFakeDetector(BayesFakePreTrainedModel):
         out = self._sampled_predictive(
             lambda f, t, sampled: self.sample_head_logits(f, f.shape[0], t, stochastic=sampled),
             features, num_samples, labels, seed, generator, stochastic, adaptive=adaptive)
-        out["reconstruction_error"] = reconstruction_error(reconstruction, target)
+        out["reconstruction_error"] = self.reconstruction_score(reconstruction, target)
         gate = None if self.training else self.domain_gate
         if gate is not None:
             gate_features = features if gate.extractor is None else \

@@ -18,7 +18,7 @@ API (``gradio_client``; image files go through ``handle_file``):
     /evidence       (image) -> what the file itself says about its origin: {"findings": [{kind, says, strong, detail,
                     proves, fields}], "summary", "errors", "says", "strong", "checked", "format", "size"}
     /explain        (image, num_samples=30, detectors=None) -> {"image": {...}, "detectors": {name: saliency map and
-                    top features}}
+                    top features; an autoencoder detector adds its reconstruction and per-pixel error map}}
     /models         () -> {"loaded": [{name, config}], "failed": [{name, error}], "torch_threads": N}
 ``detectors`` is None (all loaded ones), one name, "name1,name2", or a list of names. Answers are repeatable: every
 request samples with the same seed. A refused request (no image, a file that was not uploaded, a bad T, an unknown
@@ -62,11 +62,13 @@ from hub_models.hub import DEFAULT_REPO_IDS
 
 if __package__:  # imported as the package space (tests, benchmarks)
     from . import provenance
-    from .charts import batch_charts, domain_chart, explanation_chart, short_label, single_image_charts
+    from .charts import (batch_charts, domain_chart, explanation_chart, reconstruction_chart, short_label,
+                         single_image_charts)
     from .detectors import DEFAULT_NUM_SAMPLES, MAX_NUM_SAMPLES, DetectorPool, Names, preview_source, read_image
 else:  # run as a script from its own folder: python space/app.py, or app.py in a pushed Space
     import provenance
-    from charts import batch_charts, domain_chart, explanation_chart, short_label, single_image_charts
+    from charts import (batch_charts, domain_chart, explanation_chart, reconstruction_chart, short_label,
+                        single_image_charts)
     from detectors import DEFAULT_NUM_SAMPLES, MAX_NUM_SAMPLES, DetectorPool, Names, preview_source, read_image
 
 SPACE_DIR = Path(__file__).resolve().parent
@@ -406,6 +408,13 @@ EMPTY_EVIDENCE = ("#### What the file itself says\nRead from the file as uploade
                   "generator settings, invisible watermarks, IPTC labels and EXIF tags.")
 EMPTY_VERDICT = ("#### What each pixel detector says\nEach detector's verdict, its domain check, P(FAKE) with its "
                  "spread over T samples, and its uncertainty.")
+RECONSTRUCTION_CAPTION = (
+    "**What an autoencoder detector rebuilds.** This kind of detector squeezes the image into a short description "
+    "(its features) and draws the image again from that description alone; it learned to do this on its training "
+    "images. Left: the image as the detector sees it (shrunk to its small input size). Middle: what it draws back. "
+    "Right: where the two differ (bright = drawn back badly; the same colour scale for every image). The verdict "
+    "comes from the description, not from this picture; a large error mostly says the image is unlike what the "
+    "detector was trained on, which is also why it may answer \"outside what this detector was trained on\".")
 
 
 def build_demo(model_ids: list[str], reader: provenance.EvidenceReader | None = None) -> gr.Blocks:
@@ -438,7 +447,9 @@ def build_demo(model_ids: list[str], reader: provenance.EvidenceReader | None = 
 
     def explain(image: FileData, num_samples: int = DEFAULT_NUM_SAMPLES, detectors: Names = None) -> dict:
         """One image -> per detector: the saliency map (input gradients of P(FAKE), [0, 1], at the detector's input
-        size) and the top features by |feature x gradient| with the gradient's sign (> 0 pushes towards FAKE)."""
+        size) and the top features by |feature x gradient| with the gradient's sign (> 0 pushes towards FAKE); an
+        autoencoder detector adds "reconstruction": the image as it sees it, what it rebuilds, the per-pixel error map
+        (all in [0, 1]) and reconstruction_error."""
         try:
             return pool.explain(read_image(uploaded_path(image)), num_samples, detectors)
         except ValueError as err:
@@ -467,26 +478,30 @@ def build_demo(model_ids: list[str], reader: provenance.EvidenceReader | None = 
         except ValueError:
             return None
 
+    def no_reconstruction():
+        return gr.Plot(None, visible=False), gr.Markdown(visible=False)
+
     def analyse_page(upload, names, num_samples):
         # Runs with preprocess=False so the raw upload reaches read_image and the evidence reader as it arrived.
         if upload is None:
             return (gr.Markdown(EMPTY_HEADLINE, elem_classes=["tone-none"]), EMPTY_EVIDENCE, EMPTY_VERDICT,
-                    gr.Plot(None, visible=False), None, None, None, None, None)
+                    gr.Plot(None, visible=False), None, None, None, None, *no_reconstruction(), None)
         try:
             path = uploaded_path(upload)
         except ValueError as err:
             gr.Warning(str(err))
             return (gr.Markdown(f"Could not analyse this image: {err}", elem_classes=["tone-error"]), EMPTY_EVIDENCE,
                     f"**Could not analyse this image:** {err}", gr.Plot(None, visible=False), None, None, None, None,
-                    None)
+                    *no_reconstruction(), None)
         pending = reader.start(path)  # read while the image is decoded and the detectors run
-        answer = charts = why = error = domain = None
+        answer = charts = why = error = domain = rebuilt = None
         try:
             image = read_image(path)
             answer, explained = pool.analyse_and_explain(image, num_samples, names)
             charts = single_image_charts(list(answer["detectors"].values()))
             domain = domain_chart(list(answer["detectors"].values()))
             why = explanation_chart(image, list(explained["detectors"].values()))
+            rebuilt = reconstruction_chart(list(explained["detectors"].values()))
         except ValueError as err:
             gr.Warning(str(err))
             error = str(err)
@@ -495,11 +510,13 @@ def build_demo(model_ids: list[str], reader: provenance.EvidenceReader | None = 
         headline = gr.Markdown(text, elem_classes=[f"tone-{tone}"])
         if answer is None:
             return (headline, provenance.panel(found), f"**Could not analyse this image:** {error}",
-                    gr.Plot(None, visible=False), None, None, None, None, {"error": error, "evidence": found})
+                    gr.Plot(None, visible=False), None, None, None, None, *no_reconstruction(),
+                    {"error": error, "evidence": found})
         answer["evidence"] = found
-        # the domain chart only where a selected detector has a domain gate
+        # the domain chart only where a selected detector has a domain gate, the reconstruction only for autoencoders
         return (headline, provenance.panel(found), verdict_markdown(answer),
-                gr.Plot(domain, visible=domain is not None), *charts, why, answer)
+                gr.Plot(domain, visible=domain is not None), *charts, why,
+                gr.Plot(rebuilt, visible=rebuilt is not None), gr.Markdown(visible=rebuilt is not None), answer)
 
     def analyse_batch_page(paths, names, num_samples):
         try:
@@ -561,6 +578,10 @@ def build_demo(model_ids: list[str], reader: provenance.EvidenceReader | None = 
                         samples_plot = gr.Plot(label="Sampled P(FAKE)", show_label=False, elem_id="samples-plot")
                         explanation_plot = gr.Plot(label="Why: saliency map and the features that weigh most",
                                                    show_label=False, elem_id="explanation-plot")
+                        reconstruction_plot = gr.Plot(label="What an autoencoder detector rebuilds", show_label=False,
+                                                      elem_id="reconstruction-plot", visible=False)
+                        reconstruction_caption = gr.Markdown(RECONSTRUCTION_CAPTION, elem_id="reconstruction-caption",
+                                                             visible=False)
                     with gr.Accordion("Raw answer (what /predict returns)", open=False):
                         raw = gr.JSON(elem_id="raw-answer")
         with gr.Tab("Batch"):
@@ -584,7 +605,7 @@ def build_demo(model_ids: list[str], reader: provenance.EvidenceReader | None = 
                      trigger_mode="always_last")
         gr.on([image.change, run.click], analyse_page, [image, chosen, num_samples],
               [headline, evidence_panel, verdict, domain_plot, p_fake_plot, uncertainty_plot, samples_plot,
-               explanation_plot, raw],
+               explanation_plot, reconstruction_plot, reconstruction_caption, raw],
               preprocess=False, api_visibility="private", trigger_mode="always_last")
         run_batch.click(analyse_batch_page, [files, chosen, num_samples],
                         [batch_status, table, csv, batch_p_fake_plot, batch_epistemic_plot], api_visibility="private")

@@ -15,7 +15,11 @@ if __package__:
 else:  # run as the Space's own folder (python app.py)
     from detectors import InputImage, short_label
 
-__all__ = ["batch_charts", "domain_chart", "explanation_chart", "short_label", "single_image_charts"]
+__all__ = ["batch_charts", "domain_chart", "explanation_chart", "reconstruction_chart", "short_label",
+           "single_image_charts"]
+
+
+ERROR_MAP_MAX = 0.5  # top of the reconstruction error map's colour scale (pixels in [0, 1]; larger errors saturate)
 
 
 @dataclass
@@ -139,6 +143,32 @@ def explanation_chart(image: InputImage, explanations: list[dict]) -> Figure:
         ax.set_xlabel("|feature x dP(FAKE)/dfeature|", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.set_title(f"Top features (P(FAKE) = {e['p_fake']:.3f}; red: towards FAKE)", fontsize=9)
+    return fig
+
+
+def reconstruction_chart(explanations: list[dict]) -> Figure | None:
+    """Per autoencoder detector (an explanation with a ``reconstruction``): the image as it sees it, what it rebuilds
+    from its own features, and the per-pixel error between them; None when no selected detector is an autoencoder."""
+    rows = [e for e in explanations if e.get("reconstruction")]
+    if not rows:
+        return None
+    fig = Figure(figsize=(9.0, 3.0 * len(rows)), layout="constrained")
+    for row, e in enumerate(rows):
+        r = e["reconstruction"]
+        seen, rebuilt, error = (np.asarray(r[key], dtype=np.float32) for key in ("seen", "rebuilt", "error_map"))
+        grey = seen.shape[-1] == 1  # a greyscale detector sees and rebuilds luminance only
+        panels = (("What it sees", seen), ("What it rebuilds from its features", rebuilt))
+        for col, (title, picture) in enumerate(panels):
+            ax = fig.add_subplot(len(rows), 3, 3 * row + col + 1)
+            ax.imshow(picture[..., 0] if grey else picture, cmap="gray" if grey else None, vmin=0, vmax=1)
+            ax.set_axis_off()
+            ax.set_title(f"{short_label(e['detector'])}: {title}" if col == 0 else title, fontsize=9)
+        ax = fig.add_subplot(len(rows), 3, 3 * row + 3)
+        # one fixed scale for every image, so the same brightness means the same error on any upload
+        shown = ax.imshow(error, cmap="magma", vmin=0, vmax=ERROR_MAP_MAX)
+        ax.set_axis_off()
+        ax.set_title(f"Where they differ (error score {r['reconstruction_error']:.3g})", fontsize=9)
+        fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04).ax.tick_params(labelsize=7)
     return fig
 
 

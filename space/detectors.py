@@ -232,8 +232,26 @@ class Detector:
     def _explain(self, image: InputImage, num_samples: int) -> tuple:
         # explain's output is the predictive it differentiated, with the domain gate's judgement (fed the same
         # domain_pixel_values as forward, so the page and /predict agree); only a gated detector's processor makes them
-        out = self.model.explain(**self.inputs(image), num_samples=num_samples, seed=SEED)
-        return out["output"], self.explanation(out, num_samples)
+        inputs = self.inputs(image)
+        out = self.model.explain(**inputs, num_samples=num_samples, seed=SEED)
+        explained = self.explanation(out, num_samples)
+        if getattr(self.model, "decoder", None) is not None:  # an autoencoder detector also shows what it rebuilds
+            explained["reconstruction"] = self.reconstruction(inputs["pixel_values"])
+        return out["output"], explained
+
+    def reconstruction(self, pixel_values: torch.Tensor) -> dict:
+        """An autoencoder detector's ``model.reconstruct`` of the image, as plain JSON numbers in [0, 1]: ``seen`` (the
+        image as the detector sees it, [S, S, C]; C = 1 for a greyscale detector), ``rebuilt`` (what its decoder makes
+        of its features, same shape), ``error_map`` ([S, S], |seen - rebuilt| averaged over the channels) and
+        ``reconstruction_error`` (the number ``forward`` reports)."""
+        rebuilt = self.model.reconstruct(pixel_values)
+
+        def pixels(tensor):
+            return [[[round(v, 4) for v in px] for px in row] for row in tensor[0].permute(1, 2, 0).tolist()]
+
+        return {"seen": pixels(rebuilt["target"]), "rebuilt": pixels(rebuilt["reconstruction"]),
+                "error_map": [[round(v, 4) for v in row] for row in rebuilt["error_map"][0].tolist()],
+                "reconstruction_error": rebuilt["reconstruction_error"][0].item()}
 
     def answer(self, image: InputImage, out, num_samples: int) -> dict:
         """The ``/predict`` answer for one image from the detector's ``BayesFakeOutput``. ``in_domain`` and

@@ -130,6 +130,32 @@ def test_save_and_load_keep_the_outputs(tmp_path, one_thread):
     torch.testing.assert_close(a.reconstruction_error, b.reconstruction_error)
 
 
+def test_reconstruction_metrics_measure_what_they_say(tiny_weights, one_thread):
+    """"highpass" is the error of the images' 3x3-Gaussian residuals (torchvision's blur), "perceptual" the training
+    loss's PerceptualDistance on the encoder's own first stages (equal when they hold the same weights); forward and
+    reconstruct report the same number, alone or in a batch; the metric survives save and load."""
+    from safetensors.torch import load_file
+    from torchvision.transforms.functional import gaussian_blur
+
+    x = images().clamp(-1, 1)
+    for metric in ("highpass", "perceptual"):
+        model = tiny_model(reconstruction_metric=metric)
+        model.backbone.model.load_state_dict(load_file(tiny_weights), strict=False)
+        out, shown = model(x, num_samples=4), model.reconstruct(x)
+        r, t = shown["reconstruction"], shown["target"]
+        if metric == "highpass":
+            residual = [image - gaussian_blur(image, kernel_size=3, sigma=1.0) for image in (r, t)]
+            expected = (residual[0] - residual[1]).abs().mean((1, 2, 3))
+        else:
+            expected = PerceptualDistance(TINY, tiny_weights, [0.5] * 3, [0.5] * 3).eval()(r, t)
+        torch.testing.assert_close(out.reconstruction_error, expected, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(shown["reconstruction_error"], out.reconstruction_error)
+        assert not torch.allclose(out.reconstruction_error, (r - t).abs().mean((1, 2, 3)))  # not the plain L1
+        torch.testing.assert_close(model(x[1:2], num_samples=4).reconstruction_error, out.reconstruction_error[1:2])
+    with pytest.raises(ValueError, match="reconstruction_metric"):
+        tiny_config(reconstruction_metric="ssim")
+
+
 def test_released_detector_outputs_have_no_reconstruction_error(one_thread):
     model = BayesFakeDetector(BayesFakeConfig(cnn_widths=[4, 8, 8], head_hidden=[8], num_samples=4)).eval()
     assert model.decoder is None and model(torch.randn(2, 3, 32, 32)).reconstruction_error is None
