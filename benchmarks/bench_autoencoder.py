@@ -2,7 +2,7 @@
 the encoder and the decoder run once per image, only the head is sampled), and what the decoder adds to the encoder.
 
     python benchmarks/bench_autoencoder.py [--config train/configs/autoencoder/cifake-ae-mobilenetv2.yaml]
-        [--batch 64] [--samples 30] [--repeats 11] [--threads 1]
+        [--batch 64] [--samples 30] [--repeats 11] [--threads 1] [--set model.reconstruction_metric=perceptual ...]
 
 In eval mode under ``torch.no_grad``, after a warm-up, on random pixels (the cost does not depend on the weights): per
 repeat, back to back, ``det`` = ``model(x, num_samples=1, stochastic=False)`` (encoder, decoder, one head pass),
@@ -29,9 +29,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=11)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys, as training")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    config = load_config(args.config).model_config()
+    config = load_config(args.config, args.set).model_config()
     model = BayesFakeDetector(config).eval()
     x = torch.randn(args.batch, 3, config.image_size, config.image_size)
     runs = {"det": lambda: model(x, num_samples=1, stochastic=False),
@@ -48,7 +49,8 @@ def main() -> None:
                 times[name].append(time.perf_counter() - start)
     ratio = statistics.median(p / d for p, d in zip(times["pred"], times["det"]))
     decoder = statistics.median(d / e for d, e in zip(times["det"], times["encoder"]))
-    print(f"{config.backbone} {config.image_size}px decoder {config.decoder_widths} greyscale={config.greyscale}, "
+    print(f"{config.backbone} {config.image_size}px decoder {config.decoder_widths} greyscale={config.greyscale} "
+          f"reconstruction_metric={config.reconstruction_metric}, "
           f"batch {args.batch}, {args.threads} thread(s), {args.repeats} repeats")
     for name, values in times.items():
         print(f"  {name:8s} median {statistics.median(values) * 1000:8.1f} ms")

@@ -286,6 +286,24 @@ def test_training_run_resumes_bit_exact(tmp_path, tiny_weights, monkeypatch, one
         load_config(path, ["features=true"])
 
 
+def test_evaluate_sets_the_chosen_reconstruction_metric_in_the_release(tmp_path, tiny_weights, monkeypatch,
+                                                                        one_thread):
+    from train.evaluate import main as evaluate
+
+    monkeypatch.setenv("BAYESFAKE_CACHE", str(tmp_path / "cache"))
+    data = make_image_folder(tmp_path / "data", n_per_class=12, corrupt=0)
+    run = train(load_config(write_ae_config(tmp_path, data, tiny_weights), ["epochs=1"]), progress=False)
+    evaluate([str(run.final), "--split", "val", "--num-samples", "4", "--reconstruction-metric", "perceptual",
+              "--export", str(tmp_path / "release")])
+    released = BayesFakeDetector.from_pretrained(tmp_path / "release").eval()
+    assert released.config.reconstruction_metric == "perceptual"
+    shown = released.reconstruct(images(2).clamp(-1, 1))
+    expected = PerceptualDistance(TINY, tiny_weights, [0.5] * 3, [0.5] * 3).eval()(shown["reconstruction"],
+                                                                                  shown["target"])
+    # the encoder's first stages stayed frozen in training: the release's own error is the loss's perceptual term
+    torch.testing.assert_close(shown["reconstruction_error"], expected, rtol=1e-4, atol=1e-6)
+
+
 def test_optuna_study_is_budgeted_resumable_and_reports(tmp_path, tiny_weights, monkeypatch, one_thread):
     import optuna
 

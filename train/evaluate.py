@@ -182,6 +182,8 @@ def subsample(inputs: np.ndarray, labels: np.ndarray, max_n: int | None, seed: i
 def main(argv: list[str] | None = None, prog: str = "python -m train.evaluate") -> dict:
     """The command line; returns the report. ``prog`` is how it was called (usage, and the card's default command)."""
     argv = sys.argv[1:] if argv is None else argv
+    from hub_models.configuration_bayesfake import RECONSTRUCTION_METRICS
+
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model_dir", help="trained detector folder (training's OUT/final, or a Hub repo folder)")
@@ -209,6 +211,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m train.evaluate") 
                         help="training images the gate's Gaussians are fitted on (a seeded subset)")
     parser.add_argument("--training-data", action="append", help="name of a data set the detector learned from "
                                                                  "(repeat for several); stored in config.training_data")
+    parser.add_argument("--reconstruction-metric", choices=RECONSTRUCTION_METRICS,
+                        help="an autoencoder detector: what its reconstruction_error measures (config."
+                             "reconstruction_metric; chosen after training, on wild train vs CIFAKE validation: "
+                             "benchmarks/bench_ae_error_definitions.py)")
     parser.add_argument("--stress", action="store_true", help="also report laundered copies of the test split and "
                                                               "the off-domain set --wild (train.offdomain)")
     parser.add_argument("--wild", default=WILD, help="off-domain image set of --stress")
@@ -230,6 +236,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m train.evaluate") 
     record_path, record = read_run_record(args.model_dir)
     if args.training_data:
         model.config.training_data = args.training_data
+    if args.reconstruction_metric:
+        if model.decoder is None:
+            parser.error("--reconstruction-metric is for an autoencoder detector (config.decoder_widths set)")
+        model.config.reconstruction_metric = args.reconstruction_metric
     if args.domain_gate:
         if args.alpha is None:
             parser.error("--domain-gate needs --alpha: the reject rule is certified on in-domain images")
