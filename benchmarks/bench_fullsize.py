@@ -1,6 +1,6 @@
 """Speed of a full-size detector on phone-size photos: images per second at T=30, decoding included.
 
-    python benchmarks/bench_fullsize.py [--folder hub_models/wild-effnetlite0-fivecrop] [--images 12] [--threads 2]
+    python benchmarks/bench_fullsize.py [--folder hub_models/wild-effnetlite0-multiview] [--images 12] [--threads 2]
         [--out benchmarks/results_fullsize.md]
     python benchmarks/bench_fullsize.py --design tf_efficientnet_lite0:224:five_crop [--design ...]
 
@@ -169,7 +169,8 @@ def main(argv: list[str] | None = None) -> None:
     folders = args.folder or ([] if args.design else fullsize_releases())
     for target in [*folders, *args.design]:
         model, processor, title = load_release(target) if target in folders else build_design(target)
-        flag = f"--folder {os.path.relpath(Path(target).resolve(), ROOT)}" if target in folders else f"--design {target}"
+        flag = (f"--folder {os.path.relpath(Path(target).resolve(), ROOT)}" if target in folders
+                else f"--design {target}")
         command = (f"OMP_NUM_THREADS={args.threads} python benchmarks/bench_fullsize.py {flag} --images {args.images} "
                    f"--batch {args.batch} --threads {args.threads}")
         section = bench(model, processor, title, args, command)

@@ -16,7 +16,9 @@ from train.wild import WildSplit, layout_features
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-RELEASE = Path(__file__).resolve().parent.parent / "hub_models" / "wild-effnetlite2-multiview"
+HUB_MODELS = Path(__file__).resolve().parent.parent / "hub_models"
+# Every full-size release: each must take what a phone produces.
+FULLSIZE_RELEASES = ("wild-effnetlite2-multiview", "wild-effnetlite0-multiview")
 SIZE = 32
 
 
@@ -159,11 +161,12 @@ def test_validation_split_holds_groups_out_whole():
         validation_split(data, ["nope"], 0.2, seed=0)
 
 
-def test_released_detector_accepts_what_a_phone_produces():
+@pytest.mark.parametrize("name", FULLSIZE_RELEASES)
+def test_released_detector_accepts_what_a_phone_produces(name):
     from transformers import AutoImageProcessor, AutoModel
 
-    model = AutoModel.from_pretrained(RELEASE, trust_remote_code=True).eval()
-    processor = AutoImageProcessor.from_pretrained(RELEASE, trust_remote_code=True)
+    model = AutoModel.from_pretrained(HUB_MODELS / name, trust_remote_code=True).eval()
+    processor = AutoImageProcessor.from_pretrained(HUB_MODELS / name, trust_remote_code=True)
     photo = left_red_right_blue(4000, 3000)
     files = [rotated_jpeg(4000, 3000), encoded(photo.resize((1200, 900)), "PNG"),
              encoded(photo.resize((1600, 1200)), "WEBP", quality=80), encoded(photo, "JPEG", quality=85)]
@@ -281,3 +284,19 @@ def test_choose_layout_prefers_fewer_views_within_the_tolerance():
     assert choose_layout(scores, candidates, 0.0) == "a"
     assert choose_layout(scores, candidates, 0.005) == "b"
     assert choose_layout(scores, candidates, 0.05) == "b"
+
+
+def test_spread_groups_are_dealt_over_the_folds_of_the_others():
+    from train.fullsize import group_folds
+
+    _, data = synthetic_wild(n_per_group=20)
+    folds = group_folds(data, ["A"], seed=0)
+    assert len(folds) == 4  # B, g1, g2, g3 held out whole; A's 20 images dealt over those 4 folds
+    held_a = [int((data.group[held] == "A").sum()) for _, held in folds]
+    assert sum(held_a) == 20 and min(held_a) == 5
+    for fit, held in folds:
+        whole = set(data.group[held]) - {"A"}
+        assert len(whole) == 1 and not whole & set(data.group[fit])
+    assert [list(h) for _, h in folds] == [list(h) for _, h in group_folds(data, ["A"], seed=0)]
+    with pytest.raises(ValueError, match="spread_groups"):
+        group_folds(data, ["nope"])
