@@ -911,6 +911,8 @@ class BayesFakeDetector(BayesFakePreTrainedModel):
             return reconstruction_error(highpass_residual(reconstruction), highpass_residual(target))
         mean, std = self._pixel_range(target)
         pair = (torch.cat([reconstruction, target]).expand(-1, 3, -1, -1) - mean) / std
+        if not self.training:  # as TimmBackbone runs the encoder: its early stages dominate this cost on CPU
+            pair = pair.contiguous(memory_format=torch.channels_last)
         stages = self.backbone.model.forward_intermediates(pair, indices=list(range(PERCEPTUAL_STAGES)),
                                                            stop_early=True, intermediates_only=True)
         total = target.new_zeros(target.shape[0], dtype=torch.float32)
