@@ -156,6 +156,23 @@ def test_reconstruction_metrics_measure_what_they_say(tiny_weights, one_thread):
         tiny_config(reconstruction_metric="ssim")
 
 
+def test_golden_outputs_of_an_autoencoder_hold_its_reconstruction_error(tmp_path, one_thread):
+    """A release's golden record keeps the reconstruction error: a decoder that changes only it is caught."""
+    from hub_models.export import export_detector
+    from hub_models.golden import check_golden, compute_golden, differences, read_golden
+
+    model = tiny_model()
+    folder = export_detector(model, tmp_path / "ae", version="1.0.0")
+    golden = read_golden(folder)
+    assert len(golden["reconstruction_error"]) == len(golden["probs"])
+    check_golden(BayesFakeDetector.from_pretrained(folder).eval(), folder)
+    with torch.no_grad():
+        model.decoder.out.bias.add_(0.5)  # the head never reads the decoder: only the reconstruction moves
+    changed = compute_golden(model)
+    assert changed["probs"] == golden["probs"]
+    assert [d.split(":")[0] for d in differences(golden, changed)] == ["reconstruction_error"]
+
+
 def test_released_detector_outputs_have_no_reconstruction_error(one_thread):
     model = BayesFakeDetector(BayesFakeConfig(cnn_widths=[4, 8, 8], head_hidden=[8], num_samples=4)).eval()
     assert model.decoder is None and model(torch.randn(2, 3, 32, 32)).reconstruction_error is None
