@@ -212,9 +212,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m train.evaluate") 
     parser.add_argument("--training-data", action="append", help="name of a data set the detector learned from "
                                                                  "(repeat for several); stored in config.training_data")
     parser.add_argument("--reconstruction-metric", choices=RECONSTRUCTION_METRICS,
-                        help="an autoencoder detector: what its reconstruction_error measures (config."
-                             "reconstruction_metric; chosen after training, on wild train vs CIFAKE validation: "
-                             "benchmarks/bench_ae_error_definitions.py)")
+                        help="an autoencoder detector: what its reconstruction_error measures, set in the "
+                             "exported release's config.reconstruction_metric (with --export; chosen after training, "
+                             "on wild train vs CIFAKE validation: benchmarks/bench_ae_error_definitions.py)")
     parser.add_argument("--stress", action="store_true", help="also report laundered copies of the test split and "
                                                               "the off-domain set --wild (train.offdomain)")
     parser.add_argument("--wild", default=WILD, help="off-domain image set of --stress")
@@ -236,10 +236,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m train.evaluate") 
     record_path, record = read_run_record(args.model_dir)
     if args.training_data:
         model.config.training_data = args.training_data
-    if args.reconstruction_metric:
-        if model.decoder is None:
-            parser.error("--reconstruction-metric is for an autoencoder detector (config.decoder_widths set)")
-        model.config.reconstruction_metric = args.reconstruction_metric
+    if args.reconstruction_metric and model.decoder is None:
+        parser.error("--reconstruction-metric is for an autoencoder detector (config.decoder_widths set)")
     if args.domain_gate:
         if args.alpha is None:
             parser.error("--domain-gate needs --alpha: the reject rule is certified on in-domain images")
@@ -281,6 +279,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m train.evaluate") 
 
         command = args.command or shlex.join([*shlex.split(prog), *argv])
         release = {k: v for k, v in (("version", args.version), ("notes", args.notes)) if v is not None}
+        if args.reconstruction_metric:  # set here: no measurement above reads it, and "perceptual" costs 3x a pass
+            model.config.reconstruction_metric = args.reconstruction_metric
         folder = export_detector(model, args.export, report=report, plots=[out_dir / p for p in report["plots"]],
                                  command=command, **release)
         if record_path is not None:  # the training record ships with the weights
