@@ -4,9 +4,11 @@ detector's error, each scored as an out-of-domain score.
     python benchmarks/bench_ae_error_definitions.py runs/ae-smoke/cifake-ae-mobilenetv2/final \
         [--max-cifake 4000] [--output FILE.json]
 
-The definition is chosen on wild TRAIN (positive) against the run's CIFAKE VALIDATION split (negative); the chosen one
-and every other are then reported on wild train + test against CIFAKE TEST, never used to choose. Definitions, all on
-the detector's reconstruction ``r`` and its target ``t`` (the image as the detector sees it, in [0, 1]):
+The definition is chosen on wild TRAIN (positive) against the run's CIFAKE VALIDATION split (negative), among those the
+model implements (``RECONSTRUCTION_METRICS``: l1, highpass, perceptual; scripts/release.sh passes the choice to
+``train.evaluate --reconstruction-metric``); the chosen one and every other are then reported on wild train + test
+against CIFAKE TEST, never used to choose. Definitions, all on the detector's reconstruction ``r`` and its target ``t``
+(the image as the detector sees it, in [0, 1]):
 
 - ``l1``: mean |r - t| at the input size (what ``reconstruction_error`` was at the smoke runs);
 - ``l2``: mean (r - t)^2;
@@ -39,6 +41,7 @@ from tqdm.auto import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from hub_models import BayesFakeDetector  # noqa: E402
+from hub_models.configuration_bayesfake import RECONSTRUCTION_METRICS  # noqa: E402
 from train.data import decode_images, decode_processor, raw_splits  # noqa: E402
 from train.evaluate import read_run_record, recorded_splits, subsample  # noqa: E402
 from train.losses import PerceptualDistance, ssim_per_image  # noqa: E402
@@ -140,8 +143,7 @@ def main() -> None:
             "median CIFAKE test": float(np.median(s["cifake_test"])),
             "median wild": float(np.median(wild_all)),
         }
-    chosen = max((n for n in DEFINITIONS if n != "target_highpass"),
-                 key=lambda n: rows[n]["choose: wild train vs CIFAKE val"])
+    chosen = max(RECONSTRUCTION_METRICS, key=lambda n: rows[n]["choose: wild train vs CIFAKE val"])
     result = {"model": args.model_dir, "chosen (on wild train vs CIFAKE val)": chosen,
               "n": {key: len(next(iter(value.values()))) for key, value in scores.items()}, "definitions": rows}
     print(json.dumps(result, indent=1))
