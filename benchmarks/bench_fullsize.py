@@ -59,8 +59,9 @@ def fullsize_releases() -> list[str]:
 
     from hub_models.hub import HUB_MODELS_DIR, RELEASED
 
-    return [str(HUB_MODELS_DIR / name) for name in RELEASED
-            if json.loads((HUB_MODELS_DIR / name / "config.json").read_text()).get("view_layout", "center") != "center"]
+    configs = {name: HUB_MODELS_DIR / name / "config.json" for name in RELEASED}
+    return [str(path.parent) for path in configs.values()
+            if path.is_file() and json.loads(path.read_text()).get("view_layout", "center") != "center"]
 
 
 def load_release(folder: str):
@@ -93,10 +94,14 @@ def replace_section(path: Path, title: str, section: str) -> None:
     text = path.read_text() if path.is_file() else header
     if not text.startswith(header):  # a file from before sections: start afresh
         text = header
-    parts = text[len(header):].split("\n## ")
-    kept = [part for part in parts if part.strip() and not part.lstrip("# ").startswith(title + "\n")]
-    path.write_text(header + "".join("\n## " + part.lstrip("# ").rstrip("\n") + "\n" for part in kept)
-                    + "\n" + section)
+    parts = [part.lstrip("# ").rstrip("\n") + "\n" for part in text[len(header):].split("\n## ") if part.strip()]
+    new = section[len("## "):].rstrip("\n") + "\n"
+    same = [i for i, part in enumerate(parts) if part.startswith(title + "\n")]
+    if same:  # in place (the file keeps its order); any older duplicate of it goes
+        parts = [new if i == same[0] else part for i, part in enumerate(parts) if i == same[0] or i not in same]
+    else:
+        parts.append(new)
+    path.write_text(header + "".join("\n## " + part for part in parts))
 
 
 def bench(model, processor, title: str, args, command: str) -> str:
@@ -135,7 +140,8 @@ def bench(model, processor, title: str, args, command: str) -> str:
                "decode without draft mode (full 4000x3000, for comparison)": timed(full_decode)}
     rows = "\n".join(f"| {name} | {s:.2f} | {len(files) / s:.2f} |" for name, s in seconds.items())
     per_second = len(files) / next(iter(seconds.values()))
-    note = "idle" if load[0] < 2.5 else "the machine's cores were shared with other jobs: every figure is slower"
+    note = ("under 2.5, though other jobs still ran" if load[0] < 2.5
+            else "the machine's cores were shared with other jobs: every figure is slower")
     return f"""## {title}
 
 `{command}`
@@ -169,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     folders = args.folder or ([] if args.design else fullsize_releases())
     for target in [*folders, *args.design]:
         model, processor, title = load_release(target) if target in folders else build_design(target)
+        if args.threads != 2:  # the target's setting is 2 threads on 2 cores; other counts get their own section
+            title += f", {args.threads} torch thread{'s' if args.threads > 1 else ''}"
         flag = (f"--folder {os.path.relpath(Path(target).resolve(), ROOT)}" if target in folders
                 else f"--design {target}")
         command = (f"OMP_NUM_THREADS={args.threads} python benchmarks/bench_fullsize.py {flag} --images {args.images} "

@@ -21,7 +21,7 @@ LITE0=../shared/weights/tf_efficientnet_lite0.in1k.safetensors
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(cifake-mcdropout-cnn cifake-vi-bcnn cifake-mobilenetv2-ft effnetlite0-linear
                                  effnetlite0-gnb effnetlite0-mcd-mlp effnetlite0-mcd-deep effnetlite0-vi-linear
-                                 wild-effnetlite2-multiview)
+                                 wild-effnetlite2-multiview wild-effnetlite0-multiview)
 for name in "${names[@]}"; do
     # The full-size detector (issue 14): a multi-view head on frozen EfficientNet-Lite2 features of wild, in one
     # command (train.fullsize: features, validation split, head, gate, certification at alpha 0.10, test, export).

@@ -300,3 +300,15 @@ def test_spread_groups_are_dealt_over_the_folds_of_the_others():
     assert [list(h) for _, h in folds] == [list(h) for _, h in group_folds(data, ["A"], seed=0)]
     with pytest.raises(ValueError, match="spread_groups"):
         group_folds(data, ["nope"])
+
+
+def test_speed_results_keep_one_section_per_detector(tmp_path):
+    from benchmarks.bench_fullsize import replace_section
+
+    path = tmp_path / "results.md"
+    replace_section(path, "a 1.0.0", "## a 1.0.0\n\nfirst\n")
+    replace_section(path, "design x", "## design x\n\nslow\n")
+    replace_section(path, "a 1.0.0", "## a 1.0.0\n\nsecond\n")
+    text = path.read_text()
+    assert text.startswith("# Full-size detectors") and "first" not in text
+    assert text.index("## a 1.0.0") < text.index("second") < text.index("## design x") < text.index("slow")

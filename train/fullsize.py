@@ -305,6 +305,7 @@ def validation_text(report: dict) -> str:
 def cannot_judge(report: dict) -> str:
     """The card's "what it cannot judge": the test groups where it is wrong too often even when it answers, and what
     its training data never showed it."""
+    a, m = report["abstention"], report["metrics"]
     weak = [f"{r['name']} ({r['label']}: {pct(r['answered_acc'])} right among the {pct(r['answered'])} answered)"
             for r in report["groups"] if r["answered_acc"] == r["answered_acc"] and r["answered_acc"] < 0.9]
     return ("\n## What it cannot judge\n\n"
@@ -314,7 +315,12 @@ def cannot_judge(report: dict) -> str:
             "90): photorealistic images of newer generators, photos edited, filtered, screenshotted or re-encoded "
             "many times, drawings and renders, and photos of screens are outside what it saw, and its domain gate "
             "does not flag most of them (its Gaussians are fitted on features of wild train only). Treat "
-            "\"likely real\" as \"no generator trace of the kinds it learned\", not as proof.\n")
+            "\"likely real\" as \"no generator trace of the kinds it learned\", not as proof.\n\n"
+            f"Its guarantee (at most {a['alpha']:.0%} wrong among the answered, with probability >= "
+            f"{1 - a['delta']:.0%}) holds for images exchangeable with its calibration images: out-of-fold predictions "
+            "of wild train, made by heads that each left one generator (or Urban100) out, while the released head saw "
+            "all of wild train. wild test shares none of their sources or generators, and there "
+            f"{pct(m['sc/answered_risk'])} of the answered were wrong: the bound did not carry over to that shift.\n")
 
 
 def card_sections(report: dict) -> str:
@@ -436,7 +442,9 @@ def main(argv: list[str] | None = None) -> None:
         folder = export_detector(model, args.export, report, command=report["command"], version=args.version,
                                  notes=cfg.get("notes", "First release: a multi-view detector for full-size "
                                                             "photos, trained on wild."))
-        history = {"config": cfg, "layout_val_auroc": layout_auroc, "layout": layout, "fit_n": int(len(fit)),
+        # The config as trained: the model section with the layout and head chosen on validation.
+        trained = {**cfg, "model": {**cfg["model"], "head_hidden": hidden, "view_layout": layout}}
+        history = {"config": trained, "layout_val_auroc": layout_auroc, "layout": layout, "fit_n": int(len(fit)),
                    "val_n": int(len(val)), "calibration": calibration, "seconds": report["seconds"]}
         (folder / "train_history.json").write_text(json.dumps(history, indent=2) + "\n")
         card = folder / "README.md"
