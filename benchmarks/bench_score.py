@@ -187,6 +187,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--kill-after-parts", type=int, default=3)
     parser.add_argument("--output", help="also write the results, with command, machine and date, to this file")
     args = parser.parse_args(argv)
+    load_at_start = os.getloadavg()  # other jobs on the cores slow every figure: say how busy the machine was
     work = Path(tempfile.mkdtemp(prefix="bench_score_"))
     lines = []
     try:
@@ -239,7 +240,8 @@ def main(argv: list[str] | None = None) -> str:
                   f"Machine: {cores} CPU cores ({cpu_name()}), Python {platform.python_version()}; date "
                   f"{datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}. Detectors: "
                   f"{args.detectors} (each at its own T), evidence read, chunks of {args.chunk_size} images. "
-                  "Other jobs shared the 2 cores during the run: absolute numbers are noisy.\n\n")
+                  f"Load average when it started: {' / '.join(f'{x:.1f}' for x in load_at_start)} (above 1, other "
+                  "jobs were running and every figure is slower).\n\n")
         Path(args.output).write_text(header + text + "\n")
     return text
 
