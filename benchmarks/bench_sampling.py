@@ -63,7 +63,9 @@ TARGET = 1.2
 RELEASED_TARGET = 1.1  # head-only released detectors, T=30 predictive / one deterministic pass
 CNN_TARGET = 3000  # images/s of the released MC-Dropout CNN at T=30 on 2 cores
 HEAD_ONLY_MC = ["cifake-mcdropout-cnn", "cifake-mobilenetv2-ft", "effnetlite0-mcd-mlp", "effnetlite0-mcd-deep",
-                "effnetlite0-vi-linear"]
+                "effnetlite0-vi-linear",
+                # opt-in releases (hub_models.hub.OPT_IN): the autoencoder and the two full-size multi-view detectors
+                "cifake-ae-mobilenetv2", "wild-effnetlite0-multiview", "wild-effnetlite2-multiview"]
 CIFAKE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifake"
 
 
@@ -122,8 +124,9 @@ def bench_model(model, batch: int, samples: int, repeats: int, naive_repeats: in
 
 def bench_pairs(model, batch: int, samples: int, repeats: int, budget_s: float) -> dict:
     """det. and T-sample predictive of a released detector, back to back, on random inputs of its size."""
-    size = model.config.image_size
-    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+    size, views = model.config.image_size, model.config.num_views
+    shape = (batch, 3, size, size) if views == 1 else (batch, views, 3, size, size)  # a multi-view detector's input
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
     det = lambda: model(x, num_samples=1, stochastic=False)  # noqa: E731
     pred = lambda: model(x, num_samples=samples)  # noqa: E731
     dets, preds = [], []
