@@ -451,6 +451,18 @@ def highpass_residual(images: torch.Tensor) -> torch.Tensor:
 PERCEPTUAL_STAGES = 3  # the encoder's first feature stages the "perceptual" reconstruction error compares
 
 
+def perceptual_distance(stages) -> torch.Tensor:
+    """[B] distance between two image batches from their feature stages, each [2B, C, h, w] (the first batch, then the
+    second): per stage, features unit-normalised over channels, squared differences summed over channels and averaged
+    over space; the stages summed (LPIPS without its learned weights). The autoencoder's "perceptual"
+    ``reconstruction_error`` and its training loss (``train.losses.PerceptualDistance``) both use it."""
+    total = 0
+    for stage in stages:
+        a, b = F.normalize(stage, dim=1, eps=1e-10).chunk(2)
+        total = total + (a - b).pow(2).sum(1).flatten(1).mean(1)
+    return total
+
+
 class ConvDecoder(nn.Module):
     """BatchNorm decoder of an autoencoder detector: the encoder's last feature map [B, C, h, w] back to an image
     [B, out_channels, S, S] with values in [0, 1].
@@ -915,11 +927,7 @@ class BayesFakeDetector(BayesFakePreTrainedModel):
             pair = pair.contiguous(memory_format=torch.channels_last)
         stages = self.backbone.model.forward_intermediates(pair, indices=list(range(PERCEPTUAL_STAGES)),
                                                            stop_early=True, intermediates_only=True)
-        total = target.new_zeros(target.shape[0], dtype=torch.float32)
-        for stage in stages:
-            a, b = F.normalize(stage.float(), dim=1, eps=1e-10).chunk(2)
-            total = total + (a - b).pow(2).sum(1).flatten(1).mean(1)
-        return total
+        return perceptual_distance(stage.float() for stage in stages)
 
     def sample_head_logits(self, features: torch.Tensor, batch: int, num_samples: int,
                            stochastic: bool = True) -> torch.Tensor:

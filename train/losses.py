@@ -23,10 +23,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchmetrics.functional.image import structural_similarity_index_measure
 from torchvision.ops import sigmoid_focal_loss
+
+from hub_models.modeling_bayesfake import perceptual_distance
 
 SSIM_KERNEL = 11  # torchmetrics' default Gaussian window (sigma 1.5); smaller images use the largest odd side that fits
 
@@ -78,12 +79,7 @@ class PerceptualDistance(nn.Module):
 
     def forward(self, reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         pair = torch.cat([reconstruction, target]).expand(-1, 3, -1, -1)
-        features = self.net((pair - self.mean) / self.std)
-        total = reconstruction.new_zeros(reconstruction.shape[0])
-        for stage in features:
-            a, b = F.normalize(stage, dim=1, eps=1e-10).chunk(2)
-            total = total + (a - b).pow(2).sum(1).flatten(1).mean(1)
-        return total
+        return perceptual_distance(self.net((pair - self.mean) / self.std))
 
 
 @dataclass
