@@ -5,8 +5,10 @@
 # One path for every detector (train/README.md):
 #   python -m train.train CONFIG     CNNs and fine-tuned backbones: train/configs/NAME.yaml;
 #                                    heads on a frozen backbone: train/configs/frozen/NAME.yaml (cached features);
-#                                    release 2.0.0 of the two CIFAKE CNNs: train/configs/robust/NAME.yaml, a fine-tune
-#                                    of release 1.0.0 on laundered images (its weights come from git, RELEASE_1_REV)
+#                                    trained on laundered images: train/configs/robust/NAME.yaml, a fine-tune of
+#                                    release 1.0.0 (weights from git, RELEASE_1_REV: the VI CNN, MobileNetV2) or of
+#                                    the base config's run (the MC-Dropout CNN's 3.0.0), or from scratch (the
+#                                    autoencoder's 2.0.0)
 #   python -m train.evaluate runs/NAME/final --split test --alpha 0.01 --domain-gate GATE --stress --export ...
 # A finished training (runs/NAME/final) is not repeated; an interrupted one resumes from runs/NAME/checkpoint.
 # Releases are immutable: a rerun keeps the folder's version, and the export refuses it if the outputs changed; a
@@ -18,6 +20,12 @@ cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1
 RELEASE_1_REV=${RELEASE_1_REV:-e363db6}  # the commit that holds every release at 1.0.0
 LITE0=../shared/weights/tf_efficientnet_lite0.in1k.safetensors
+# A key of a training config as written (out_dir defaults to runs/NAME); read without building the config, whose
+# init_from must already exist.
+config_value() {
+    python -c "import sys, yaml; c = yaml.safe_load(open(sys.argv[1]))
+print(c.get(sys.argv[2]) or ('runs/' + c['name'] if sys.argv[2] == 'out_dir' else ''))" "$1" "$2"
+}
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(cifake-mcdropout-cnn cifake-vi-bcnn cifake-mobilenetv2-ft effnetlite0-linear
                                  effnetlite0-gnb effnetlite0-mcd-mlp effnetlite0-mcd-deep effnetlite0-vi-linear
@@ -31,22 +39,31 @@ for name in "${names[@]}"; do
                 "hub_models/$name/config.json" 2>/dev/null || echo 1.0.0)}"
         continue
     fi
-    run="runs/$name"
+    extend=()
     if [ -f "train/configs/robust/$name.yaml" ]; then
+        # Trained on laundered images: the CNNs' 2.x (3.0.0 for the MC-Dropout CNN) and the autoencoder's 2.0.0.
         config="train/configs/robust/$name.yaml"
-        run="runs/robust-$name"
-        # init_from names runs/release-1.0.0/hub_models/NAME: release 1.0.0, exactly as git holds it.
-        [ -d runs/release-1.0.0/hub_models ] || { mkdir -p runs/release-1.0.0 &&
-            git archive "$RELEASE_1_REV" hub_models | tar -x -C runs/release-1.0.0; }
+        init=$(config_value "$config" init_from)
+        case "$init" in
+            # release 1.0.0, exactly as git holds it (the VI CNN's and MobileNetV2's 2.x fine-tune it)
+            runs/release-1.0.0/*) [ -d runs/release-1.0.0/hub_models ] || { mkdir -p runs/release-1.0.0 &&
+                git archive "$RELEASE_1_REV" hub_models | tar -x -C runs/release-1.0.0; } ;;
+            # a run of this repository (the MC-Dropout CNN's 3.0.0 fine-tunes its base config's run): trained first
+            */final) base="train/configs/$name.yaml"; base_run=$(config_value "$base" out_dir)
+                [ -f "$init/train_history.json" ] || python -m train.train "$base" \
+                    $( [ -d "$base_run/checkpoint" ] || [ -d "$base_run/checkpoint.old" ] && echo --resume ) ;;
+        esac
     elif [ -f "train/configs/autoencoder/$name-64px.yaml" ]; then
-        # The autoencoder detector (issue 15) as trained on one CPU thread: 64 px, a 57,600-image subset, one epoch,
-        # then a warm-restart second epoch over it (extend, below).
+        # The autoencoder detector's 1.0.0 as trained on one CPU thread: 64 px, a 57,600-image subset, one epoch,
+        # then a warm-restart second epoch over it (extend).
         config="train/configs/autoencoder/$name-64px.yaml"
+        extend=(epochs=2 "lr_cycles=[1, 1]" lr_cycle_decay=0.5)
     else
         config="train/configs/$name.yaml"
         [ -f "$config" ] || config="train/configs/frozen/$name.yaml"
     fi
     [ -f "$config" ] || { echo "no config for $name (train/configs/[robust/|frozen/]$name.yaml)" >&2; exit 1; }
+    run=$(config_value "$config" out_dir)
     # The domain gate: a head on frozen EfficientNet-Lite0 features reads those features; the others ship a frozen
     # Lite0 of their own (their own features do not tell CIFAKE from other images: benchmarks/results_domain.md).
     case "$name" in
@@ -59,11 +76,11 @@ for name in "${names[@]}"; do
         cifake-mcdropout-cnn) int8=(--int8-calibration 1024) ;;
         *) int8=() ;;
     esac
-    # The autoencoder is trained in two steps (extend: the second, a warm-restart cycle), and its reconstruction_error
-    # is the definition that tells wild train from CIFAKE validation best on the trained detector (choose_recon).
+    # The autoencoder's reconstruction_error is the definition that tells wild train from CIFAKE validation best on
+    # the trained detector (choose_recon).
     case "$name" in
-        cifake-ae-mobilenetv2) extend=(epochs=2 "lr_cycles=[1, 1]" lr_cycle_decay=0.5); choose_recon=1 ;;
-        *) extend=(); choose_recon= ;;
+        cifake-ae-mobilenetv2) choose_recon=1 ;;
+        *) choose_recon= ;;
     esac
     # What the card says beyond the measured tables (e.g. the targets a release misses), kept with the repository.
     notes=${RELEASE_NOTES:-$(cat "train/results/release-notes/$name.md" 2>/dev/null || true)}
