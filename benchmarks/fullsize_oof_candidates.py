@@ -31,6 +31,7 @@ from hub_models import BayesFakeConfig, BayesFakeDetector  # noqa: E402
 from train.features import load_backbone_weights  # noqa: E402
 from train.fullsize import fold_heads, fold_names, group_folds, out_of_fold_predictions  # noqa: E402
 from train.group_transfer import transfer_check  # noqa: E402
+from train.prediction import Predictions  # noqa: E402
 from train.wild import WILD, layout_features, load_wild, view_features, view_processor  # noqa: E402
 
 BACKBONES = {"lite0": ("tf_efficientnet_lite0", 224, "tf_efficientnet_lite0.in1k.safetensors"),
@@ -95,8 +96,6 @@ def main() -> None:
             np.savez(path, sample_logits=raw.sample_logits)
         logits = np.load(path)["sample_logits"]
         zero = np.zeros(len(train))
-        from train.prediction import Predictions
-
         raw = Predictions(labels=train.labels, p_fake=zero, std_fake=zero, predictive_entropy=zero,
                           mutual_information=zero, expected_entropy=zero, num_samples=logits.shape[0],
                           sample_logits=logits)

@@ -311,8 +311,8 @@ def markdown_report(report: dict) -> str:
     if checks:
         lines += ["Leave-one-group-out check of the calibration (temperature, threshold, domain threshold and rule "
                   "fitted without each group, applied to it), per level alpha:", "",
-                  "| alpha | answered | accuracy (answered) | worst group's accuracy (answered) | ECE | worst group's ECE "
-                  "| ROC-AUC | error-detection AUROC |", "|---|---|---|---|---|---|---|---|"]
+                  "| alpha | answered | accuracy (answered) | worst group's accuracy (answered) | ECE "
+                  "| worst group's ECE | ROC-AUC | error-detection AUROC |", "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {c['alpha']} | {pct(c['answered'])} | {pct(c['answered_acc'])} | "
                   f"{pct(c['worst_group_answered_acc'])} | {c['ece']:.3f} | {c['worst_group_ece']:.3f} | "
                   f"{c['auroc']:.3f} | {c['error_detection_auroc']:.3f} |" for c in checks]
