@@ -5,10 +5,10 @@ detector's error, each scored as an out-of-domain score.
         [--max-cifake 4000] [--output FILE.json]
 
 The definition is chosen on wild TRAIN (positive) against the run's CIFAKE VALIDATION split (negative), among those the
-model implements (``RECONSTRUCTION_METRICS``: l1, highpass, perceptual; scripts/release.sh passes the choice to
-``train.evaluate --reconstruction-metric``); the chosen one and every other are then reported on wild train + test
-against CIFAKE TEST, never used to choose. Definitions, all on the detector's reconstruction ``r`` and its target ``t``
-(the image as the detector sees it, in [0, 1]):
+model implements (``RECONSTRUCTION_METRICS``: l1, highpass, perceptual, perceptual_deep, perceptual_mahalanobis;
+scripts/release.sh passes the choice to ``train.evaluate --reconstruction-metric``); the chosen one and every other
+are then reported on wild train + test against CIFAKE TEST, never used to choose. Definitions, all on the detector's
+reconstruction ``r`` and its target ``t`` (the image as the detector sees it, in [0, 1]):
 
 - ``l1``: mean |r - t| at the input size (what ``reconstruction_error`` was at the smoke runs);
 - ``l2``: mean (r - t)^2;
@@ -17,6 +17,12 @@ against CIFAKE TEST, never used to choose. Definitions, all on the detector's re
 - ``perceptual``: the LPIPS-style distance of train.losses.PerceptualDistance (frozen ImageNet MobileNetV2: an extra
   backbone pass on r and on t);
 - ``highpass``: mean |HP(r) - HP(t)|, HP(x) = x - GaussianBlur3x3(x) (the detail the decoder fails to rebuild);
+- ``perceptual_deep``: the model's own ``reconstruction_error`` under that metric: ``perceptual`` on its encoder's 3rd
+  and 4th stages, each stage's per-position distance pooled by its 90th percentile over space instead of the mean;
+- ``perceptual_mahalanobis``: the model's own ``reconstruction_error`` under that metric: per channel of its encoder's
+  first 4 stages, log mean squared feature error of r against t; the Mahalanobis distance of that vector to the
+  training images' (a Gaussian fitted by ``train.reconstruction_density.fit_reconstruction_density`` on a seeded
+  ``--fit-images`` subset of the run's CIFAKE TRAIN split, never on validation, test or wild);
 - ``target_highpass``: mean |HP(t)| alone, no autoencoder at all: how much of the signal is only "this image has
   detail at the input size that an upsampled 32 px CIFAKE image lacks".
 
@@ -45,14 +51,26 @@ from hub_models.configuration_bayesfake import RECONSTRUCTION_METRICS  # noqa: E
 from train.data import decode_images, decode_processor, raw_splits  # noqa: E402
 from train.evaluate import read_run_record, recorded_splits, subsample  # noqa: E402
 from train.losses import PerceptualDistance, ssim_per_image  # noqa: E402
+from train.reconstruction_density import DENSITY_TRAIN_IMAGES, fit_reconstruction_density  # noqa: E402
 from train.offdomain import WILD  # noqa: E402
 
-DEFINITIONS = ("l1", "l2", "l1_source", "ssim", "perceptual", "highpass", "target_highpass")
+DEFINITIONS = ("l1", "l2", "l1_source", "ssim", "perceptual", "highpass", "target_highpass", "perceptual_deep",
+               "perceptual_mahalanobis")
 PERCEPTUAL_WEIGHTS = "../shared/weights/mobilenetv2_100.in1k.safetensors"
 
 
 def highpass(x: torch.Tensor) -> torch.Tensor:
     return x - gaussian_blur(x, kernel_size=3, sigma=1.0)
+
+
+def model_metric(model, metric: str, reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The model's own ``reconstruction_error`` [B] under ``metric`` (its config's metric put back after)."""
+    saved = model.config.reconstruction_metric
+    model.config.reconstruction_metric = metric
+    try:
+        return model.reconstruction_score(reconstruction, target)
+    finally:
+        model.config.reconstruction_metric = saved
 
 
 def error_definitions(model, perceptual: PerceptualDistance, images: np.ndarray, batch_size: int,
@@ -77,6 +95,9 @@ def error_definitions(model, perceptual: PerceptualDistance, images: np.ndarray,
             out["perceptual"].append(perceptual(r, t))
             out["highpass"].append((highpass(r) - highpass(t)).abs().flatten(1).mean(1))
             out["target_highpass"].append(highpass(t).abs().flatten(1).mean(1))
+            out["perceptual_deep"].append(model_metric(model, "perceptual_deep", r, t))
+            # fitted in main() on CIFAKE train
+            out["perceptual_mahalanobis"].append(model_metric(model, "perceptual_mahalanobis", r, t))
     return {name: torch.cat(values).float().numpy() for name, values in out.items()}
 
 
@@ -113,12 +134,15 @@ def main() -> None:
     parser.add_argument("--max-cifake", type=int, default=4000, help="seeded subset of CIFAKE val and of test each")
     parser.add_argument("--wild", default=WILD)
     parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--fit-images", type=int, default=DENSITY_TRAIN_IMAGES,
+                        help="seeded subset of CIFAKE train the perceptual_mahalanobis density is fitted on")
     parser.add_argument("--output", help="write the numbers here as JSON")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = BayesFakeDetector.from_pretrained(args.model_dir).eval()
     _, record = read_run_record(args.model_dir)
     splits = recorded_splits(record, decode_processor(model.config, 0))
+    fit_reconstruction_density(model, splits["train"][0], max_images=args.fit_images, batch_size=args.batch_size)
     cfg = model.config
     perceptual = PerceptualDistance("mobilenetv2_100", PERCEPTUAL_WEIGHTS, cfg.image_mean, cfg.image_std).eval()
     scores = {}
@@ -145,7 +169,9 @@ def main() -> None:
         }
     chosen = max(RECONSTRUCTION_METRICS, key=lambda n: rows[n]["choose: wild train vs CIFAKE val"])
     result = {"model": args.model_dir, "chosen (on wild train vs CIFAKE val)": chosen,
-              "n": {key: len(next(iter(value.values()))) for key, value in scores.items()}, "definitions": rows}
+              "n": {key: len(next(iter(value.values()))) for key, value in scores.items()}
+              | {"cifake_train (perceptual_mahalanobis fit)": int(model.reconstruction_density.fitted_on)},
+              "definitions": rows}
     print(json.dumps(result, indent=1))
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=1) + "\n")

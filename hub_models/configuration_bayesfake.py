@@ -31,8 +31,11 @@ THRESHOLD_RULES = ("f1_optimal", "youden_j", "0.5")
 # What an autoencoder detector's ``reconstruction_error`` measures between the image and its reconstruction: the mean
 # absolute pixel error; the mean absolute error of their high-pass residuals (x - 3x3 Gaussian blur of x: the detail
 # the decoder fails to rebuild); or an LPIPS-style distance on the encoder's own first three feature stages (frozen
-# ImageNet layers when training left them frozen). Chosen by which tells wild images from CIFAKE best (issue 15).
-RECONSTRUCTION_METRICS = ("l1", "highpass", "perceptual")
+# ImageNet layers when training left them frozen); the same on its 3rd and 4th stages pooled by the 90th percentile
+# over space ("perceptual_deep"); or the Mahalanobis distance of the per-channel feature errors of its first four
+# stages to those of the training images ("perceptual_mahalanobis": statistics fitted by
+# train.reconstruction_density). Chosen by which tells wild images from CIFAKE best (issue 15).
+RECONSTRUCTION_METRICS = ("l1", "highpass", "perceptual", "perceptual_deep", "perceptual_mahalanobis")
 # How the image processor turns one image into views at ``image_size`` (see ``BayesFakeConfig.view_layout``): the
 # views of each multi-view layout, in order. The one registry of layouts: the image processor (shipped next to this
 # file in every release, and importing it relatively, as the modeling file does) cuts exactly these views.

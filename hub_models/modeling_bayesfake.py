@@ -451,16 +451,78 @@ def highpass_residual(images: torch.Tensor) -> torch.Tensor:
 PERCEPTUAL_STAGES = 3  # the encoder's first feature stages the "perceptual" reconstruction error compares
 
 
-def perceptual_distance(stages) -> torch.Tensor:
+DEEP_PERCEPTUAL_STAGES = (2, 3)  # "perceptual_deep": the encoder's 3rd and 4th stages (MobileNetV2 at 64 px: 8x8, 4x4)
+DEEP_PERCEPTUAL_QUANTILE = 0.9  # ... pooled over space by this quantile: where the image is least like its rebuild
+
+
+def perceptual_distance(stages, quantile: float | None = None) -> torch.Tensor:
     """[B] distance between two image batches from their feature stages, each [2B, C, h, w] (the first batch, then the
     second): per stage, features unit-normalised over channels, squared differences summed over channels and averaged
-    over space; the stages summed (LPIPS without its learned weights). The autoencoder's "perceptual"
-    ``reconstruction_error`` and its training loss (``train.losses.PerceptualDistance``) both use it."""
+    over space (or, given ``quantile``, that quantile over space); the stages summed (LPIPS without its learned
+    weights). The autoencoder's "perceptual" ``reconstruction_error`` and its training loss
+    (``train.losses.PerceptualDistance``) both use it with the mean; "perceptual_deep" with a quantile."""
     total = 0
     for stage in stages:
         a, b = F.normalize(stage, dim=1, eps=1e-10).chunk(2)
-        total = total + (a - b).pow(2).sum(1).flatten(1).mean(1)
+        per_position = (a - b).pow(2).sum(1).flatten(1)
+        total = total + (per_position.mean(1) if quantile is None else per_position.quantile(quantile, dim=1))
     return total
+
+
+ERROR_DENSITY_STAGES = 4  # the encoder's first feature stages whose errors "perceptual_mahalanobis" models
+ERROR_LOG_FLOOR = 1e-8  # added before the log: a perfect reconstruction has zero error in every channel
+
+
+def perceptual_error_vector(stages) -> torch.Tensor:
+    """[B, C1 + C2 + ...] what a reconstruction got wrong, channel by channel, from feature stages as
+    ``perceptual_distance`` takes them (each [2B, C, h, w], the reconstructions then the targets): per stage and
+    channel, the squared difference of the raw features averaged over space, then its log (the errors span decades;
+    the log makes them about Gaussian)."""
+    parts = []
+    for stage in stages:
+        a, b = stage.float().chunk(2)
+        parts.append((a - b).pow(2).mean((2, 3)))
+    return torch.log(torch.cat(parts, 1) + ERROR_LOG_FLOOR)
+
+
+class ReconstructionErrorDensity(nn.Module):
+    """How unlike its training images' errors an image's reconstruction error is (``reconstruction_metric``
+    "perceptual_mahalanobis"): the Mahalanobis distance of ``perceptual_error_vector`` to one Gaussian (Ledoit-Wolf
+    covariance) fitted on the detector's reconstructions of its training images.
+
+    One number (the mean error) cannot tell "an image with a different kind of detail" from "a hard training image"; the
+    pattern over channels can: measured on the robust 64 px MobileNetV2 autoencoder, wild vs CIFAKE test AUROC 0.996
+    against 0.907 for the mean ("perceptual"). The statistics are buffers written by
+    ``train.reconstruction_density.fit_reconstruction_density``; ``fitted_on`` is 0 until then and an unfitted density
+    refuses to score."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("whitener", torch.zeros(dim, dim))  # W with precision P = W W^T
+        self.register_buffer("fitted_on", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def fit(self, vectors: torch.Tensor, covariance: torch.Tensor) -> ReconstructionErrorDensity:
+        """Store the mean of ``vectors`` [N, D] and the whitening factor of ``covariance`` [D, D] (estimated by the
+        caller on the same vectors, e.g. scikit-learn's Ledoit-Wolf)."""
+        if vectors.ndim != 2 or vectors.shape[1] != self.mean.shape[0] or len(vectors) < 2:
+            raise ValueError(f"ReconstructionErrorDensity.fit: need [N >= 2, {self.mean.shape[0]}] error vectors, "
+                             f"got {list(vectors.shape)}")
+        check_finite("the reconstruction error vectors", vectors)
+        self.mean.copy_(vectors.double().mean(0).to(self.mean.dtype))
+        precision = torch.linalg.inv(covariance.double())
+        self.whitener.copy_(torch.linalg.cholesky((precision + precision.T) / 2).to(self.whitener.dtype))
+        self.fitted_on.fill_(len(vectors))
+        return self
+
+    def distance(self, vectors: torch.Tensor) -> torch.Tensor:
+        """Mahalanobis distance [B] of error vectors [B, D] to the training images' errors."""
+        if int(self.fitted_on) <= 0:
+            raise ValueError("the reconstruction error density holds no training statistics (fitted_on = 0): fit it "
+                             "(train.reconstruction_density.fit_reconstruction_density) before scoring")
+        check_finite("the reconstruction error vectors", vectors)
+        return ((vectors.to(self.mean.dtype) - self.mean) @ self.whitener).pow(2).sum(-1).sqrt()
 
 
 class ConvDecoder(nn.Module):
@@ -838,6 +900,9 @@ class BayesFakeDetector(BayesFakePreTrainedModel):
             self.decoder = ConvDecoder(self.backbone.num_features, config.decoder_widths,
                                        1 if config.greyscale else 3, config.image_size)
         self.domain_gate = DomainGate(config, self.backbone.num_features) if config.domain_gate else None
+        self.reconstruction_density = None
+        if config.reconstruction_metric == "perceptual_mahalanobis":
+            self.reconstruction_density = ReconstructionErrorDensity(self.error_vector_dim())
         self._warned_domain_input = False
         if self.domain_gate is not None and self.domain_gate.extractor is None and self.backbone_stochastic:
             raise ValueError("domain_gate='features' needs a deterministic backbone; every layer of this one is "
@@ -915,19 +980,57 @@ class BayesFakeDetector(BayesFakePreTrainedModel):
         "highpass", mean |HP(r) - HP(t)| with HP = ``highpass_residual``; "perceptual", over the encoder's first
         ``PERCEPTUAL_STAGES`` feature stages, features unit-normalised over channels, squared differences summed over
         channels, averaged over space, summed over the stages (train.losses.PerceptualDistance's formula, on the
-        detector's own encoder: one pass of its early stages over both images)."""
+        detector's own encoder: one pass of its early stages over both images); "perceptual_deep", the same on its
+        stages ``DEEP_PERCEPTUAL_STAGES`` pooled over space by the ``DEEP_PERCEPTUAL_QUANTILE`` quantile instead of
+        the mean; "perceptual_mahalanobis", the
+        Mahalanobis distance of ``reconstruction_error_vector`` (per channel of the encoder's first
+        ``ERROR_DENSITY_STAGES`` stages, the log mean squared feature error) to the training images' errors
+        (``ReconstructionErrorDensity``)."""
         metric = self.config.reconstruction_metric
         if metric == "l1":
             return reconstruction_error(reconstruction, target)
         if metric == "highpass":
             return reconstruction_error(highpass_residual(reconstruction), highpass_residual(target))
+        if metric == "perceptual_mahalanobis":
+            if self.reconstruction_density is None:
+                raise ValueError("reconstruction_metric 'perceptual_mahalanobis' needs the fitted error density "
+                                 "(train.reconstruction_density.fit_reconstruction_density); this model has none")
+            return self.reconstruction_density.distance(self.reconstruction_error_vector(reconstruction, target))
+        if metric == "perceptual_deep":
+            stages = self.encoder_stages(reconstruction, target, list(DEEP_PERCEPTUAL_STAGES))
+            return perceptual_distance((stage.float() for stage in stages), quantile=DEEP_PERCEPTUAL_QUANTILE)
+        stages = self.encoder_stages(reconstruction, target, list(range(PERCEPTUAL_STAGES)))
+        return perceptual_distance(stage.float() for stage in stages)
+
+    def encoder_stages(self, reconstruction: torch.Tensor, target: torch.Tensor,
+                       indices: list[int]) -> list[torch.Tensor]:
+        """The encoder's feature stages ``indices`` of the reconstructions and the targets in one pass, each
+        [2B, C, h, w] (reconstructions first), as ``perceptual_distance`` and ``perceptual_error_vector`` take them."""
+        if self.config.backbone == SCRATCH_CNN:
+            raise ValueError("the perceptual reconstruction errors read a timm encoder's feature stages; this detector "
+                             "has the from-scratch CNN")
         mean, std = self._pixel_range(target)
         pair = (torch.cat([reconstruction, target]).expand(-1, 3, -1, -1) - mean) / std
         if not self.training:  # as TimmBackbone runs the encoder: its early stages dominate this cost on CPU
             pair = pair.contiguous(memory_format=torch.channels_last)
-        stages = self.backbone.model.forward_intermediates(pair, indices=list(range(PERCEPTUAL_STAGES)),
-                                                           stop_early=True, intermediates_only=True)
-        return perceptual_distance(stage.float() for stage in stages)
+        return self.backbone.model.forward_intermediates(pair, indices=indices, stop_early=True,
+                                                         intermediates_only=True)
+
+    def reconstruction_error_vector(self, reconstruction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """``perceptual_error_vector`` [B, D] of the encoder's first ``ERROR_DENSITY_STAGES`` stages: what the
+        "perceptual_mahalanobis" density models (and is fitted on)."""
+        return perceptual_error_vector(self.encoder_stages(reconstruction, target, list(range(ERROR_DENSITY_STAGES))))
+
+    def error_vector_dim(self) -> int:
+        """D of ``reconstruction_error_vector``: the channels of the encoder's first ``ERROR_DENSITY_STAGES`` stages."""
+        if self.config.backbone == SCRATCH_CNN or self.decoder is None:
+            raise ValueError("reconstruction_metric 'perceptual_mahalanobis' is for an autoencoder detector on a timm "
+                             "encoder (config.decoder_widths set, a timm backbone)")
+        info = self.backbone.model.feature_info
+        if len(info) < ERROR_DENSITY_STAGES:
+            raise ValueError(f"the encoder {self.config.backbone} has {len(info)} feature stages; "
+                             f"'perceptual_mahalanobis' reads {ERROR_DENSITY_STAGES}")
+        return sum(stage["num_chs"] for stage in info[:ERROR_DENSITY_STAGES])
 
     def sample_head_logits(self, features: torch.Tensor, batch: int, num_samples: int,
                            stochastic: bool = True) -> torch.Tensor:

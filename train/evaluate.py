@@ -279,7 +279,13 @@ def main(argv: list[str] | None = None, prog: str = "python -m train.evaluate") 
 
         command = args.command or shlex.join([*shlex.split(prog), *argv])
         release = {k: v for k, v in (("version", args.version), ("notes", args.notes)) if v is not None}
-        if args.reconstruction_metric:  # set here: no measurement above reads it, and "perceptual" costs 3x a pass
+        if args.reconstruction_metric == "perceptual_mahalanobis":  # its error density, fitted on the run's train
+            from train.reconstruction_density import fit_reconstruction_density
+
+            train_split = recorded_splits(record, decode_processor(model.config, 0), args.data, args.val_fraction,
+                                          args.split_seed)["train"]
+            fit_reconstruction_density(model, train_split[0], seed=args.seed)  # sets the metric
+        elif args.reconstruction_metric:  # set here: no measurement above reads it, and "perceptual" costs 3x a pass
             model.config.reconstruction_metric = args.reconstruction_metric
         folder = export_detector(model, args.export, report=report, plots=[out_dir / p for p in report["plots"]],
                                  command=command, **release)
