@@ -412,7 +412,9 @@ RECONSTRUCTION_CAPTION = (
     "**What an autoencoder detector rebuilds.** This kind of detector squeezes the image into a short description "
     "(its features) and draws the image again from that description alone; it learned to do this on its training "
     "images. Left: the image as the detector sees it (shrunk to its small input size). Middle: what it draws back. "
-    "Right: where the two differ (bright = drawn back badly; the same colour scale for every image). The verdict "
+    "Right: where the two differ (bright = drawn back badly; the same colour scale for every image). Its error "
+    "score compares the two in the detector's first feature layers and says how unusual that difference is next to "
+    "the differences on its training images (higher = more unusual). The verdict "
     "comes from the description, not from this picture; a large error mostly says the image is unlike what the "
     "detector was trained on, which is also why it may answer \"outside what this detector was trained on\".")
 
