@@ -485,6 +485,14 @@ def perceptual_error_vector(stages) -> torch.Tensor:
     return torch.log(torch.cat(parts, 1) + ERROR_LOG_FLOOR)
 
 
+def precision_whitener(covariance: torch.Tensor) -> torch.Tensor:
+    """The lower-triangular W (float64) with W W^T = covariance^-1: the Cholesky factor of the symmetrised precision,
+    so that ||(x - mean) @ W|| is the Mahalanobis distance. Shared by the domain gate and the reconstruction error
+    density (both fit one Gaussian and store its whitener)."""
+    precision = torch.linalg.inv(covariance.double())
+    return torch.linalg.cholesky((precision + precision.T) / 2)
+
+
 class ReconstructionErrorDensity(nn.Module):
     """How unlike its training images' errors an image's reconstruction error is (``reconstruction_metric``
     "perceptual_mahalanobis"): the Mahalanobis distance of ``perceptual_error_vector`` to one Gaussian (Ledoit-Wolf
@@ -511,8 +519,7 @@ class ReconstructionErrorDensity(nn.Module):
                              f"got {list(vectors.shape)}")
         check_finite("the reconstruction error vectors", vectors)
         self.mean.copy_(vectors.double().mean(0).to(self.mean.dtype))
-        precision = torch.linalg.inv(covariance.double())
-        self.whitener.copy_(torch.linalg.cholesky((precision + precision.T) / 2).to(self.whitener.dtype))
+        self.whitener.copy_(precision_whitener(covariance).to(self.whitener.dtype))
         self.fitted_on.fill_(len(vectors))
         return self
 
@@ -748,9 +755,7 @@ class DomainGate(nn.Module):
             if len(rows) < 2:
                 raise ValueError(f"DomainGate.fit: need at least 2 training examples of class {c}")
             self.means[c] = rows.mean(0).to(self.means.dtype)
-            precision = torch.linalg.inv(covariances[c].double())
-            precision = (precision + precision.T) / 2
-            self.whiteners[c] = torch.linalg.cholesky(precision).to(self.whiteners.dtype)
+            self.whiteners[c] = precision_whitener(covariances[c]).to(self.whiteners.dtype)
         self.fitted_on.fill_(len(features))
         return self
 
