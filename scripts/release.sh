@@ -26,6 +26,11 @@ config_value() {
     python -c "import sys, yaml; c = yaml.safe_load(open(sys.argv[1]))
 print(c.get(sys.argv[2]) or ('runs/' + c['name'] if sys.argv[2] == 'out_dir' else ''))" "$1" "$2"
 }
+# Train CONFIG into its run folder RUN unless RUN/final is there; an interrupted run resumes from its checkpoint.
+train_once() {
+    [ -f "$2/final/train_history.json" ] || python -m train.train "$1" \
+        $( [ -d "$2/checkpoint" ] || [ -d "$2/checkpoint.old" ] && echo --resume )
+}
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(cifake-mcdropout-cnn cifake-vi-bcnn cifake-mobilenetv2-ft effnetlite0-linear
                                  effnetlite0-gnb effnetlite0-mcd-mlp effnetlite0-mcd-deep effnetlite0-vi-linear
@@ -49,9 +54,7 @@ for name in "${names[@]}"; do
             runs/release-1.0.0/*) [ -d runs/release-1.0.0/hub_models ] || { mkdir -p runs/release-1.0.0 &&
                 git archive "$RELEASE_1_REV" hub_models | tar -x -C runs/release-1.0.0; } ;;
             # a run of this repository (the MC-Dropout CNN's 3.0.0 fine-tunes its base config's run): trained first
-            */final) base="train/configs/$name.yaml"; base_run=$(config_value "$base" out_dir)
-                [ -f "$init/train_history.json" ] || python -m train.train "$base" \
-                    $( [ -d "$base_run/checkpoint" ] || [ -d "$base_run/checkpoint.old" ] && echo --resume ) ;;
+            */final) train_once "train/configs/$name.yaml" "$(config_value "train/configs/$name.yaml" out_dir)" ;;
         esac
     elif [ -f "train/configs/autoencoder/$name-64px.yaml" ]; then
         # The autoencoder detector's 1.0.0 as trained on one CPU thread: 64 px, a 57,600-image subset, one epoch,
@@ -87,8 +90,7 @@ for name in "${names[@]}"; do
     # Reproducing a release keeps its version (export refuses it if the outputs changed); RELEASE_VERSION overrides.
     version=${RELEASE_VERSION:-$(python -c "import json, sys; print(json.load(open(sys.argv[1])).get('release_version')
         or '')" "hub_models/$name/config.json" 2>/dev/null || true)}
-    [ -f "$run/final/train_history.json" ] || python -m train.train "$config" \
-        $( [ -d "$run/checkpoint" ] || [ -d "$run/checkpoint.old" ] && echo --resume )
+    train_once "$config" "$run"
     # A run trained in two steps: the second (a warm-restart cycle) resumes from the first one's checkpoint.
     if [ ${#extend[@]} -gt 0 ] && [ "$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['train_config']
         ['epochs'])" "$run/final/train_history.json")" != "${extend[0]#epochs=}" ]; then
