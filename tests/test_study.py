@@ -19,7 +19,8 @@ from train.classical import (
     members_to_predictions,
 )
 from train.metrics import calibration_metrics
-from train.study import BackboneUnavailable, Store, StudyConfig, load_backbone, load_study_config, run_study
+from train.study import (BackboneUnavailable, Store, StudyConfig, deal_cells, load_backbone, load_study_config,
+                         run_study)
 from train.study_data import apply_geometry, view_images
 
 
@@ -166,23 +167,29 @@ def _dataset(folder, splits: dict[str, list[tuple[int, str, str]]], size, seed):
         pq.write_table(table, folder / "data" / f"{split}-00000-of-00001.parquet")
 
 
-def test_study_runs_end_to_end_resumes_and_reports(tmp_path, monkeypatch, one_thread):
-    """A tiny study on synthetic parquet data with the released CIFAKE CNN's trunk (32 px, fast): every experiment
-    runs, a rerun computes nothing and reuses every cell, the report is written, DINO is refused with its reason."""
+def _tiny_study(tmp_path, monkeypatch, store: str = "store.jsonl", report: str = "report") -> StudyConfig:
+    """A tiny study on synthetic parquet data with the released CIFAKE CNN's trunk (32 px, fast)."""
     monkeypatch.setenv("BAYESFAKE_CACHE", str(tmp_path / "cache"))
-    cifake = [(i % 2, "c", "none" if i % 2 == 0 else "sd") for i in range(40)]
-    _dataset(tmp_path / "cifake", {"train": cifake, "test": cifake[:20]}, (32, 32), 0)
-    wild_train = [(0, "photos", "none")] * 16 + [(1, "gen", "gen-a")] * 8 + [(1, "gen", "gen-b")] * 8
-    wild_test = [(0, "other-photos", "none")] * 8 + [(1, "gen", "gen-c")] * 8
-    _dataset(tmp_path / "wild", {"train": wild_train, "test": wild_test}, (48, 64), 1)
-    cfg = StudyConfig(cifake=str(tmp_path / "cifake"), wild=str(tmp_path / "wild"), cifake_train=16, cifake_val=10,
-                      cifake_test=12, wild_val_fraction=0.25, backbones=["cifake_cnn", "dino_vitb16"],
-                      classifiers=["knn3"], reductions=["none", "pca"], reduction_dims=[2, 4],
-                      bootstrap=2, logo_backbones=["cifake_cnn"], logo_classifiers=["logistic"],
-                      shortcut_backbones=["cifake_cnn"], shortcut_classifiers=["logistic"],
-                      transform_backbones=["cifake_cnn"], transform_classifiers=["logistic"],
-                      transforms=["none", "jpeg"], crops_backbones=["cifake_cnn"], crops_classifiers=["logistic"],
-                      store=str(tmp_path / "store.jsonl"), out_dir=str(tmp_path / "report"))
+    if not (tmp_path / "cifake").exists():
+        cifake = [(i % 2, "c", "none" if i % 2 == 0 else "sd") for i in range(40)]
+        _dataset(tmp_path / "cifake", {"train": cifake, "test": cifake[:20]}, (32, 32), 0)
+        wild_train = [(0, "photos", "none")] * 16 + [(1, "gen", "gen-a")] * 8 + [(1, "gen", "gen-b")] * 8
+        wild_test = [(0, "other-photos", "none")] * 8 + [(1, "gen", "gen-c")] * 8
+        _dataset(tmp_path / "wild", {"train": wild_train, "test": wild_test}, (48, 64), 1)
+    return StudyConfig(cifake=str(tmp_path / "cifake"), wild=str(tmp_path / "wild"), cifake_train=16, cifake_val=10,
+                       cifake_test=12, wild_val_fraction=0.25, backbones=["cifake_cnn", "dino_vitb16"],
+                       classifiers=["knn3"], reductions=["none", "pca"], reduction_dims=[2, 4],
+                       bootstrap=2, logo_backbones=["cifake_cnn"], logo_classifiers=["logistic"],
+                       shortcut_backbones=["cifake_cnn"], shortcut_classifiers=["logistic"],
+                       transform_backbones=["cifake_cnn"], transform_classifiers=["logistic"],
+                       transforms=["none", "jpeg"], crops_backbones=["cifake_cnn"], crops_classifiers=["logistic"],
+                       store=str(tmp_path / store), out_dir=str(tmp_path / report))
+
+
+def test_study_runs_end_to_end_resumes_and_reports(tmp_path, monkeypatch, one_thread):
+    """Every experiment runs, a rerun computes nothing and reuses every cell, the report is written, DINO is refused
+    with its reason."""
+    cfg = _tiny_study(tmp_path, monkeypatch)
     first = run_study(cfg, progress=False)
     # main: 2 train sets x 2 reductions; crops 1; shortcut 2; logo 2 generators; transform 2 train sets x 2
     assert first["computed"] == 4 + 1 + 2 + 2 + 4 and first["reused"] == 0
@@ -204,3 +211,35 @@ def test_study_runs_end_to_end_resumes_and_reports(tmp_path, monkeypatch, one_th
     assert {r["cell"]["holdout"] for r in logo} == {"gen-a", "gen-b"}
     for record in logo:  # the held-out generator is tested, never trained on
         assert list(record["results"]) == ["val", f"heldout:{record['cell']['holdout']}"]
+
+
+def test_worker_processes_share_the_cells_and_give_the_same_results(tmp_path, monkeypatch, one_thread):
+    """``workers=2``: two processes on one store compute every cell exactly once (claimed, never twice), and each cell's
+    results are those of the one-process run (seeded per cell, whoever runs it)."""
+    one = run_study(_tiny_study(tmp_path, monkeypatch, "one.jsonl", "one"), progress=False)
+    two = run_study(_tiny_study(tmp_path, monkeypatch, "two.jsonl", "two"), progress=False, workers=2)
+    assert two["computed"] == one["computed"] == 13 and two["reused"] == 0
+
+    def cells(name):
+        records = [json.loads(line) for line in (tmp_path / name).read_text().splitlines()]
+        return [r for r in records if "cell" in r]
+
+    ran = cells("two.jsonl")
+    assert len(ran) == len({r["id"] for r in ran}) == 13  # no cell ran twice
+    expected = {r["id"]: r["results"] for r in cells("one.jsonl")}
+    assert {r["id"]: r["results"] for r in ran} == expected
+    report = (tmp_path / "two" / "results.md").read_text()
+    assert "2 worker process(es)" in report
+    with pytest.raises(ValueError, match="workers"):
+        run_study(_tiny_study(tmp_path, monkeypatch, "bad.jsonl", "bad"), progress=False, workers=0)
+
+
+def test_cells_are_dealt_by_backbone_heaviest_first():
+    cells = [dict(experiment="main", backbone=b, train=t, classifier="lda", reduction="none", train_tf="none",
+                  test_tf="none", geometry="centre", holdout="")
+             for b in ("cifake_cnn", "mobilenetv2_100", "tf_efficientnet_lite0", "tf_efficientnet_lite2")
+             for t in ("wild", "cifake")]
+    dealt = deal_cells(cells, 2)
+    backbones = [{c["backbone"] for c in part} for part in dealt]
+    assert backbones == [{"tf_efficientnet_lite2", "cifake_cnn"}, {"mobilenetv2_100", "tf_efficientnet_lite0"}]
+    assert sorted(map(json.dumps, [c for part in dealt for c in part])) == sorted(map(json.dumps, cells))

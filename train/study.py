@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -418,12 +419,105 @@ def _path(p: str) -> str:
     return p if Path(p).is_absolute() or Path(p).exists() else str(ROOT / p)
 
 
-def run_study(cfg: StudyConfig, progress: bool = True, max_cells: int = 0, last_first: bool = False) -> dict:
+def deal_cells(cells: list[dict], workers: int) -> list[list[dict]]:
+    """The cells dealt to ``workers`` lists, whole backbones at a time (so each backbone's feature views are extracted by
+    one worker), balanced by an estimate of their feature cost: the distinct views a backbone's cells ask for, times its
+    input side squared (the CIFAKE CNN's 32 px views cost next to nothing). Largest first, each to the lightest list
+    (LPT); within a list the planned order is kept."""
+    views: dict[str, set] = {}
+    for cell in cells:
+        views.setdefault(cell["backbone"], set()).add(
+            (cell["train"], cell["train_tf"], cell["test_tf"], cell["geometry"]))
+    side = {name: TIMM_BACKBONES[name][1] if name in TIMM_BACKBONES else 32 for name in views}
+    load, owner = [0.0] * workers, {}
+    for name in sorted(views, key=lambda b: (-len(views[b]) * side[b] ** 2, b)):
+        k = int(np.argmin(load))
+        owner[name] = k
+        load[k] += len(views[name]) * side[name] ** 2
+    return [[c for c in cells if owner[c["backbone"]] == k] for k in range(workers)]
+
+
+def claim(claims: Path, cell: dict) -> bool:
+    """Atomically claim a cell for this worker (O_EXCL create of a file named after it): False if another worker of
+    the same invocation has it."""
+    name = hashlib.sha1(cell_id(cell).encode()).hexdigest()
+    try:
+        os.close(os.open(claims / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return True
+
+
+def study_worker(cfg: StudyConfig, own: list[dict], others: list[dict], claims: str, index: int) -> None:
+    """One worker process of ``run_study(workers=N)``: its own cells in the planned order, then, once they are done,
+    the other workers' remaining cells from the end (work stealing); each cell claimed first, so none runs twice."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(1)
+    threadpool_limits(1)  # BLAS / OpenMP of numpy and scikit-learn too: one core per worker, no oversubscription
+    logging.basicConfig(level=logging.INFO, format=f"%(levelname)s worker {index}: %(message)s")
+    study = Study(cfg, progress=False)
+    for cell in [*own, *others[::-1]]:
+        study.store.refresh()
+        if study.store.get(cell_id(cell)) is not None or not claim(Path(claims), cell):
+            continue
+        study.store.put(cell_id(cell), study.run_cell(cell))
+    study.store.put(cell_id({"timing": "worker", "claims": Path(claims).name, "worker": index}),
+                    {"extraction_seconds": round(study.extraction_seconds, 1)})
+    log.info("done; %.0f s spent on features", study.extraction_seconds)
+
+
+def run_workers(cfg: StudyConfig, todo: list[dict], workers: int, progress: bool, on_progress) -> None:
+    """Run ``todo`` in ``workers`` processes (``study_worker``, one torch thread each) on the one store; report progress
+    from the store every few seconds (``on_progress(cells stored)``). A failed worker fails the run (resumable)."""
+    import multiprocessing
+    import shutil
+
+    store = Store(ROOT / cfg.store if not Path(cfg.store).is_absolute() else cfg.store)
+    claims = store.path.parent / f".claims-{os.getpid()}-{time.time_ns()}"
+    claims.mkdir(parents=True)
+    dealt = deal_cells(todo, workers)
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch / OpenMP thread state
+    procs = [context.Process(target=study_worker, name=f"study-worker-{k}",
+                             args=(cfg, dealt[k], [c for j in range(workers) if j != k for c in dealt[j]],
+                                   str(claims), k))
+             for k in range(workers)]
+    keys = {cell_id(c) for c in todo}
+    bar = tqdm(total=len(todo), desc=f"study cells ({workers} workers)", unit="cell", disable=not progress)
+    try:
+        for proc in procs:
+            proc.start()
+        while any(proc.is_alive() for proc in procs):
+            time.sleep(5)
+            store.refresh()
+            stored = len(keys & store.records.keys())
+            bar.update(stored - bar.n)
+            on_progress(stored)
+    finally:
+        for proc in procs:
+            if proc.is_alive():
+                proc.terminate()
+            proc.join()
+        bar.close()
+        shutil.rmtree(claims, ignore_errors=True)
+    failed = [f"{proc.name} (exit code {proc.exitcode})" for proc in procs if proc.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"study worker(s) failed: {', '.join(failed)}; the finished cells are stored, rerun the "
+                           "command to resume")
+
+
+def run_study(cfg: StudyConfig, progress: bool = True, max_cells: int = 0, last_first: bool = False,
+              workers: int = 1) -> dict:
     """Run (or resume) every cell of ``cfg``; write the report. Returns timing and counts. ``last_first``: take the
-    remaining cells from the end (a second worker on the same store; each skips what the other has stored)."""
+    remaining cells from the end (a second worker on the same store; each skips what the other has stored).
+    ``workers`` > 1: that many worker processes of one thread each (``run_workers``), e.g. one per core."""
     from train.study_report import write_report
 
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1; got {workers}")
     start = time.time()
+    load_at_start = os.getloadavg()[0]
     study = Study(cfg, progress)
     cells = planned_cells(cfg, study.logo_generators() if "logo" in cfg.experiments else [])
     # Refused backbones are recorded as such, once, and their cells skipped with the reason.
@@ -447,18 +541,30 @@ def run_study(cfg: StudyConfig, progress: bool = True, max_cells: int = 0, last_
         study.store.put(timing_key, {"seconds": round(time.time() - start, 1), "cells_computed": computed,
                                      "cells_reused": done_before, "extraction_seconds":
                                      round(study.extraction_seconds, 1), "command": cfg.command,
-                                     "finished": finished})
+                                     "finished": finished, "workers": workers,
+                                     "load_average": [round(load_at_start, 2), round(os.getloadavg()[0], 2)]})
 
-    if last_first:
-        todo = todo[::-1]
-    for cell in tqdm(todo, desc="study cells", unit="cell", disable=not progress):
+    if workers > 1 and todo:
+        def on_progress(stored: int) -> None:
+            nonlocal computed
+            if stored != computed:
+                computed = stored
+                record_time(False)
+
+        run_workers(cfg, todo, workers, progress, on_progress)
         study.store.refresh()
-        if study.store.get(cell_id(cell)) is not None:  # done meanwhile by another worker on the same store
-            continue
-        record = study.run_cell(cell)
-        study.store.put(cell_id(cell), record)
-        computed += 1
-        record_time(False)
+        computed = sum(study.store.get(cell_id(c)) is not None for c in todo)
+    else:
+        if last_first:
+            todo = todo[::-1]
+        for cell in tqdm(todo, desc="study cells", unit="cell", disable=not progress):
+            study.store.refresh()
+            if study.store.get(cell_id(cell)) is not None:  # done meanwhile by another worker on the same store
+                continue
+            record = study.run_cell(cell)
+            study.store.put(cell_id(cell), record)
+            computed += 1
+            record_time(False)
     meta_key = cell_id({"choice": "metadata_probe", "seed": cfg.seed})
     if "shortcut" in cfg.experiments and study.store.get(meta_key) is None:
         study.store.put(meta_key, {"probe": shortcut_metadata_probe(study)})
@@ -477,6 +583,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m train.study") -> 
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
     parser.add_argument("--max-cells", type=int, default=0, help="stop after computing this many new cells")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="worker processes of one torch thread each (default 1; 2 on a 2-core machine): each "
+                             "takes whole backbones, then steals what is left")
     parser.add_argument("--last-first", action="store_true",
                         help="take the remaining cells from the end: a second worker on the same store")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -486,7 +595,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m train.study") -> 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_study_config(args.config, args.set)
     cfg.command = " ".join([prog, *(sys.argv[1:] if argv is None else argv)])
-    result = run_study(cfg, max_cells=args.max_cells, last_first=args.last_first)
+    result = run_study(cfg, max_cells=args.max_cells, last_first=args.last_first, workers=args.workers)
     minutes = result["seconds"] / 60
     print(f"study {cfg.name}: {result['computed']} cells computed, {result['reused']} reused from "
           f"{cfg.store}, took {result['seconds']:.0f} s ({minutes:.1f} min); report: {result['report']}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -84,7 +85,7 @@ def heatmap(matrix: np.ndarray, rows: list[str], cols: list[str], title: str, pa
 def _timing(store) -> tuple[list[dict], float, float]:
     """The recorded invocations, the sum of their times, and the span from the first start to the last end (shorter
     than the sum when workers ran side by side)."""
-    runs = [r for r in store.records.values() if '"timing"' in r["id"]]
+    runs = [r for r in store.records.values() if '"timing": "run"' in r["id"]]
     starts = [json.loads(r["id"])["started"] for r in runs]
     span = max(s + r["seconds"] for s, r in zip(starts, runs)) - min(starts) if runs else 0.0
     return runs, sum(r["seconds"] for r in runs), span
@@ -128,7 +129,12 @@ def write_report(cfg, store, refused: dict, cells: list[dict], test_counts: dict
 
 def _header(cfg, store, refused, n_cells, n_done, missing) -> list[str]:
     runs, total, span = _timing(store)
-    extraction = sum(r.get("extraction_seconds", 0) for r in runs)
+    # Feature time: each invocation's own, plus its worker processes' (``run_study(workers=N)``).
+    extraction = sum(r.get("extraction_seconds", 0) for r in store.records.values() if '"timing"' in r["id"])
+    workers = sorted({r.get("workers", 1) for r in runs}) or [1]
+    loads = [x for r in runs for x in r.get("load_average", [])]
+    machine = (f"load average {min(loads):.1f}-{max(loads):.1f} at the invocations' starts and ends" if loads else
+               "on a machine shared with other jobs (so slower than on a quiet one)")
     cell_seconds = sum(r.get("seconds", 0) for r in store.records.values() if "cell" in r)
     lines = [f"# The backbone x classifier study ({cfg.name})", "",
              "Written by `train/study_report.py` from the results store; every number was measured by the command "
@@ -138,8 +144,9 @@ def _header(cfg, store, refused, n_cells, n_done, missing) -> list[str]:
                                                           "command to finish it)" if missing > 0 else ""),
              f"- Time: {total:.0f} s ({total / 60:.1f} min) summed over {len(runs)} recorded invocation(s) of the "
              f"command, {span / 60:.1f} min from the first start to the last end (feature extraction and loading "
-             f"{extraction:.0f} s, fitting and scoring cells {cell_seconds:.0f} s), each with 1 torch / OpenMP thread "
-             "on a 2-core machine shared with other jobs (so slower than on a quiet machine)",
+             f"{extraction:.0f} s, fitting and scoring cells {cell_seconds:.0f} s, summed over processes), "
+             f"{' or '.join(map(str, workers))} worker process(es) of 1 torch / OpenMP thread each, {machine}; "
+             f"{os.cpu_count()} cores on the machine that wrote this report",
              f"- Data: CIFAKE subsets (balanced, seed {cfg.seed}) train {cfg.cifake_train}, val {cfg.cifake_val} from "
              f"CIFAKE train; test {cfg.cifake_test} from CIFAKE test. wild: train split carved into train / val "
              f"({cfg.wild_val_fraction:.0%} of each generator and of the real photos, seed {cfg.seed}); test = wild "
@@ -327,12 +334,12 @@ def _transform_section(rows, out: Path, written: list) -> list[str]:
              f"Backbone {', '.join(sorted({r['backbone'] for r in tr}))}; per train transform the classifier is "
              "chosen on (equally transformed) validation; cells are test accuracy. Transforms are applied at the "
              "stored resolution (CIFAKE 32 px, wild up to 512 px) before the backbone's resize.", ""]
-    targets = sorted({(r["train"], r["test"].split("@")[0]) for r in tr})
-    for train, target in targets:
+    targets = sorted({(r["backbone"], r["train"], r["test"].split("@")[0]) for r in tr})
+    for backbone, train, target in targets:
         matrix = np.full((len(train_tfs), len(test_tfs)), np.nan)
         chosen = []
         for i, ttf in enumerate(train_tfs):
-            pool = [r for r in tr if r["train"] == train and r["train_tf"] == ttf]
+            pool = [r for r in tr if r["backbone"] == backbone and r["train"] == train and r["train_tf"] == ttf]
             best_none = best_on_validation([r for r in pool if r["test"] == f"{target}@none"])
             if not best_none:
                 continue
@@ -341,13 +348,14 @@ def _transform_section(rows, out: Path, written: list) -> list[str]:
                 match = [r for r in pool if r["classifier"] == best_none["classifier"] and r["test"] ==
                          f"{target}@{tf}"]
                 matrix[i, j] = _num(match[0]["acc"]) if match else np.nan
-        lines += [f"train {train} -> test {target} (classifier per train transform: {', '.join(chosen)})", "",
+        lines += [f"{backbone}: train {train} -> test {target} (classifier per train transform: {', '.join(chosen)})",
+                  "",
                   "| train \\ test | " + " | ".join(test_tfs) + " |", "|---|" + "---|" * len(test_tfs)]
         lines += [f"| {ttf} | " + " | ".join(_fmt(float(v)) for v in matrix[i]) + " |"
                   for i, ttf in enumerate(train_tfs)]
-        name = f"heatmap_transforms_train-{train}_test-{target.replace('_test', '')}.png"
-        heatmap(matrix, train_tfs, test_tfs, f"train {train} -> test {target}: test accuracy (rows: train transform)",
-                out / name)
+        name = f"heatmap_transforms_{backbone}_train-{train}_test-{target.replace('_test', '')}.png"
+        heatmap(matrix, train_tfs, test_tfs, f"{backbone}: train {train} -> test {target}: test accuracy (rows: "
+                "train transform)", out / name)
         written.append(str(out / name))
         lines += ["", f"[{name}]({name})", ""]
     return lines
