@@ -254,6 +254,14 @@ def training_subset(n: int, max_train: int, seed: int) -> np.ndarray:
     return np.sort(epoch_order(n, seed, -1)[:max_train].numpy())
 
 
+def seeded_subset(n: int, max_n: int | None, seed: int) -> np.ndarray | None:
+    """Sorted indices of a seeded random subset of ``max_n`` of ``n`` items (numpy's generator: evaluation subsets,
+    the autoencoder's error density); None when every item is kept (``max_n`` None or >= n)."""
+    if max_n is None or n <= max_n:
+        return None
+    return np.sort(np.random.default_rng(seed).choice(n, size=max_n, replace=False))
+
+
 def augment_batch(images: torch.Tensor, pad: int, generator: torch.Generator) -> torch.Tensor:
     """Random horizontal flip and random translation (reflect-padded crop) of a uint8 [B, 3, H, W] batch."""
     b, _, h, w = images.shape

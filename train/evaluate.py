@@ -33,7 +33,7 @@ from train.calibration import calibrate_on_validation, calibration_halves, certi
 from train.domain import (GATE_TRAIN_IMAGES, attach_domain_gate, choose_domain_threshold, fit_domain_gate,
                           gate_images)
 from train.offdomain import WILD, stress_sets, stress_report
-from train.data import check_split_record, decode_processor, load_splits
+from train.data import check_split_record, decode_processor, load_splits, seeded_subset
 from train.features import preprocess_uint8, split_features
 from train.metrics import compute_metrics
 from train.prediction import is_features, predict
@@ -173,10 +173,8 @@ def native_splits(model, record: dict | None, data: str | None = None, val_fract
 
 def subsample(inputs: np.ndarray, labels: np.ndarray, max_n: int | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """A seeded random subset of at most ``max_n`` inputs (all of them when ``max_n`` is None)."""
-    if max_n is None or len(labels) <= max_n:
-        return inputs, labels
-    keep = np.sort(np.random.default_rng(seed).choice(len(labels), size=max_n, replace=False))
-    return inputs[keep], labels[keep]
+    keep = seeded_subset(len(labels), max_n, seed)
+    return (inputs, labels) if keep is None else (inputs[keep], labels[keep])
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m train.evaluate") -> dict:

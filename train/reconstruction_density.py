@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from hub_models.image_processing_bayesfake import BayesFakeImageProcessor
 from hub_models.modeling_bayesfake import ReconstructionErrorDensity
+from train.data import seeded_subset
 
 DENSITY_TRAIN_IMAGES = 10_000  # seeded subset of train the Gaussian is fitted on (168-d for MobileNetV2: ~60x the dim)
 
@@ -51,8 +52,8 @@ def fit_reconstruction_density(model, images: np.ndarray, max_images: int = DENS
     """Set ``model.config.reconstruction_metric`` to "perceptual_mahalanobis", attach the error density and fit it on a
     seeded subset of at most ``max_images`` training images (uint8 [N, S, S, 3] at the detector's input size). Returns
     the model."""
-    if len(images) > max_images:
-        images = images[np.sort(np.random.default_rng(seed).choice(len(images), size=max_images, replace=False))]
+    keep = seeded_subset(len(images), max_images, seed)
+    images = images if keep is None else images[keep]
     vectors = reconstruction_error_vectors(model, images, batch_size, progress)
     if len(vectors) <= vectors.shape[1]:
         raise ValueError(f"fit_reconstruction_density: {len(vectors)} images for {vectors.shape[1]}-d error vectors; "
