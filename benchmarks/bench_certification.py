@@ -60,7 +60,7 @@ def rows(name: str) -> list[str]:
     alpha, delta = config.abstention["alpha"], config.abstention["delta"]
     calibration, test = predictions(model, name)
     inside = np.asarray(calibration.in_domain, bool)
-    entropy, wrong = calibration.predictive_entropy[inside], calibration.wrong(config.threshold)[inside]
+    entropy, wrong = calibration.reject_scores(config)[inside], calibration.wrong(config.threshold)[inside]
     out = []
     for design, starts in DESIGNS.items():
         rule = certify_reject_entropy(entropy, wrong, alpha, delta, starts=starts)
@@ -69,7 +69,7 @@ def rows(name: str) -> list[str]:
             expected = config.abstention["coverage"], config.abstention["answered_errors"]
             if released != expected:
                 raise RuntimeError(f"{name}: the released design gives {released}, the release says {expected}")
-        on_test = selective_outcome(test.predictive_entropy, test.wrong(config.threshold), test.in_domain,
+        on_test = selective_outcome(test.reject_scores(config), test.wrong(config.threshold), test.in_domain,
                                     rule.reject_entropy)
         if rule.reject_entropy is None:  # nothing certified: every in-domain image goes to review
             out.append(f"| {name} {config.release_version} | {design} | {rule.calibration_n} | nothing certified "

@@ -35,6 +35,13 @@ THRESHOLD_RULES = ("f1_optimal", "youden_j", "0.5")
 # over space ("perceptual_deep"); or the Mahalanobis distance of the per-channel feature errors of its first four
 # stages to those of the training images ("perceptual_mahalanobis": statistics fitted by
 # train.reconstruction_density). Chosen by which tells wild images from CIFAKE best (issue 15).
+REJECT_SCORES = ("predictive_entropy", "verdict_entropy")
+# The reject scores in the words of the card and the certification record.
+REJECT_SCORE_WORDS = {
+    "predictive_entropy": "predictive entropy",
+    "verdict_entropy": "verdict entropy (the entropy of P(FAKE) re-centred on the threshold: ln 2 at the threshold, "
+                       "near 0 far from it on either side)",
+}
 RECONSTRUCTION_METRICS = ("l1", "highpass", "perceptual", "perceptual_deep", "perceptual_mahalanobis")
 # How the image processor turns one image into views at ``image_size`` (see ``BayesFakeConfig.view_layout``): the
 # views of each multi-view layout, in order. The one registry of layouts: the image processor (shipped next to this
@@ -65,7 +72,12 @@ class BayesFakeConfig(PretrainedConfig):
         num_samples: default number T of Monte Carlo samples.
         threshold: decision threshold on P(FAKE), chosen on validation.
         calibration_temperature: temperature applied to every sampled logit (fitted on validation; 1.0 = none).
-        reject_entropy: predictive entropy (nats) above which the verdict is "uncertain"; None = never reject.
+        reject_entropy: the reject rule's level (nats): above it, by ``reject_score``, the verdict is "uncertain";
+            None = never reject.
+        reject_score: what the reject rule compares with ``reject_entropy``: ``"predictive_entropy"`` (releases
+            before 2026-11-27) or ``"verdict_entropy"``, the binary entropy of P(FAKE) re-centred on ``threshold``
+            (``modeling_bayesfake.verdict_entropy``): how near the mean prediction is to flipping the verdict. The two
+            are one where the threshold is 0.5.
         image_size: square input side in pixels; image_mean / image_std: per-channel normalisation.
         resample: PIL filter used when an input must be resized to ``image_size``.
         source_image_size: side of the training images as they were before preprocessing resized them to
@@ -130,6 +142,7 @@ class BayesFakeConfig(PretrainedConfig):
         threshold: float = 0.5,
         calibration_temperature: float = 1.0,
         reject_entropy: float | None = None,
+        reject_score: str = "predictive_entropy",
         image_size: int = 32,
         image_mean: list[float] | tuple[float, ...] = (0.5, 0.5, 0.5),
         image_std: list[float] | tuple[float, ...] = (0.5, 0.5, 0.5),
@@ -172,6 +185,7 @@ class BayesFakeConfig(PretrainedConfig):
         self.threshold = float(threshold)
         self.calibration_temperature = float(calibration_temperature)
         self.reject_entropy = None if reject_entropy is None else float(reject_entropy)
+        self.reject_score = reject_score
         self.image_size = image_size
         self.image_mean = [float(m) for m in image_mean]
         self.image_std = [float(s) for s in image_std]
@@ -237,6 +251,8 @@ class BayesFakeConfig(PretrainedConfig):
             fail("calibration_temperature", "must be finite and > 0")
         if self.reject_entropy is not None and not self.reject_entropy > 0:
             fail("reject_entropy", "must be > 0 nats, or None")
+        if self.reject_score not in REJECT_SCORES:
+            fail("reject_score", f"must be one of {REJECT_SCORES}")
         if not positive_int(self.image_size):
             fail("image_size", "must be a positive integer")
         if self.source_image_size is not None and not positive_int(self.source_image_size):

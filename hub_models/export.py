@@ -35,7 +35,7 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 
 from safetensors.torch import save_file
 
-from .configuration_bayesfake import SCRATCH_CNN, BayesFakeConfig
+from .configuration_bayesfake import REJECT_SCORE_WORDS, SCRATCH_CNN, BayesFakeConfig
 from .golden import GOLDEN_FILE, GOLDEN_NUM_IMAGES, GOLDEN_NUM_SAMPLES, GOLDEN_SEED, compute_golden, differences
 from .hub import CODE_FILES, HUB_MODELS_DIR, HUB_ORG, WEIGHTS_FILE, WEIGHTS_INDEX, check_repo_folder
 from .image_processing_bayesfake import BayesFakeImageProcessor
@@ -193,8 +193,8 @@ def answer_rules(config: BayesFakeConfig) -> str:
     if record:
         if record.get("certified"):
             parts.append(
-                f"**It answers only when it can keep its error rate low.** The reject rule (answer when the predictive "
-                f"entropy is at most {config.reject_entropy:.4g} nats) was certified on "
+                f"**It answers only when it can keep its error rate low.** The reject rule (answer when the "
+                f"{REJECT_SCORE_WORDS[config.reject_score]} is at most {config.reject_entropy:.4g} nats) was certified on "
                 f"{record['calibration_n']} in-domain validation images not used for anything else ({record['method']}): "
                 f"with probability at least {1 - record['delta']:.0%}, at most {record['alpha']:.1%} of the in-domain "
                 f"images it answers are wrong. It answered {record['coverage']:.1%} of them; the others get "
@@ -276,7 +276,7 @@ predictive entropy split into epistemic (mutual information) and aleatoric (expe
 **Training domain**: {config.training_domain or "see the training report"}. Input: {input_text}.
 Decision threshold on P(FAKE): {config.threshold:.4f}; temperature: {config.calibration_temperature:.4f};
 {"no reject rule (see below)" if config.reject_entropy is None else
- f"reject when predictive entropy > {config.reject_entropy:.4g} nats"}.
+ f"reject when the {REJECT_SCORE_WORDS[config.reject_score]} > {config.reject_entropy:.4g} nats"}.
 {answer_rules(config)}
 ## Use
 

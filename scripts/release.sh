@@ -79,6 +79,13 @@ for name in "${names[@]}"; do
         cifake-mcdropout-cnn) int8=(--int8-calibration 1024) ;;
         *) int8=() ;;
     esac
+    # The reject rule of the two detectors whose threshold sits far from 0.5 reads the verdict entropy (P(FAKE)
+    # re-centred on the threshold) from CNN 3.1.0 / autoencoder 2.2.0 on; the others keep the predictive entropy
+    # their releases were certified on.
+    case "$name" in
+        cifake-mcdropout-cnn|cifake-ae-mobilenetv2) reject=(--reject-score verdict_entropy) ;;
+        *) reject=() ;;
+    esac
     # The autoencoder's reconstruction_error is the definition that tells wild train from CIFAKE validation best on
     # the trained detector (choose_recon).
     case "$name" in
@@ -106,7 +113,7 @@ for name in "${names[@]}"; do
             'chosen (on wild train vs CIFAKE val)'])" "$run/error_definitions.json")")
     fi
     python -m train.evaluate "$run/final" --split test --out "$run/eval_test" --alpha 0.01 --delta 0.1 \
-        "${gate[@]}" "${int8[@]}" "${recon[@]}" --training-data cifake --stress \
+        "${gate[@]}" "${int8[@]}" "${recon[@]}" "${reject[@]}" --training-data cifake --stress \
         --export "hub_models/$name" ${version:+--version "$version"} \
         ${notes:+--notes "$notes"} --command "bash scripts/release.sh $name"
 done

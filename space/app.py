@@ -35,6 +35,7 @@ metadata), with a preview beside it.
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -236,7 +237,14 @@ def detector_markdown(r: dict) -> str:
     else:
         spread = f"P(FAKE) = **{p_fake:.3f}**, no sampling spread (deterministic)"
         split = "all of it ambiguity in the image itself (aleatoric): one deterministic pass has no sampling doubt"
-    reject = (f"; it says uncertain above {r['reject_entropy']:.2f}" if r["reject_entropy"] is not None else "")
+    if r["reject_entropy"] is None:
+        reject = ""
+    elif r.get("reject_score") == "verdict_entropy":
+        reject = (f"; it says uncertain when P(FAKE) is too near its threshold: nearness {r['verdict_entropy']:.3f} "
+                  f"(the verdict entropy: {math.log(2):.3f} at the threshold, 0 far from it), uncertain above "
+                  f"{r['reject_entropy']:.2f}")
+    else:
+        reject = f"; it says uncertain above {r['reject_entropy']:.2f}"
     lines = [f"### {short_label(r['detector'])}: {r['verdict']}",
              f"- *Domain check:* {domain_text(r)}.",
              f"- {spread}; it calls an image AI-generated from P(FAKE) {r['threshold']:.2f} up.",
@@ -301,7 +309,8 @@ def detectors_markdown(pool: DetectorPool) -> str:
     for d in pool.detectors.values():
         c = d.config
         metrics = ", ".join(f"{k} {v:.3f}" for k, v in c.metrics.items() if isinstance(v, (int, float))) or "-"
-        reject = "-" if c.reject_entropy is None else f"{c.reject_entropy:.2f} nats"
+        reject = "-" if c.reject_entropy is None else f"{c.reject_entropy:.2f} nats" + (
+            " (verdict entropy)" if c.reject_score == "verdict_entropy" else "")
         gate = ("none (answers every image)" if d.model.domain_gate is None or c.domain_threshold is None else
                 f"{'own features' if c.domain_gate == 'features' else c.domain_gate}, limit {c.domain_threshold:.3g}")
         rows.append(f"| `{d.name}` | {c.head} | {c.backbone} | {c.training_domain or '-'} | {gate} | {c.image_size}x"

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from bayesian_torch.layers import Conv2dFlipout, Conv2dReparameterization, LinearFlipout, LinearReparameterization
 
 from hub_models.configuration_bayesfake import BayesFakeConfig
+import hub_models.modeling_bayesfake as mb
 from hub_models.modeling_bayesfake import BayesFakeDetector, apply_layer, gaussian_kl
 
 # (head, variational_scope, variational_layer): every kind of head the config allows on the scratch CNN.
@@ -668,3 +669,46 @@ def test_int8_config_without_calibration_is_an_error_not_a_float_model():
         BayesFakeConfig(backbone="tf_efficientnet_lite0", int8_backbone=True)
     with pytest.raises(ValueError, match="int8_backbone"):
         BayesFakeConfig(head="variational", variational_scope="all", int8_backbone=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The reject score: predictive entropy, or the verdict entropy (P(FAKE) re-centred on the threshold)
+
+
+def test_verdict_entropy_is_the_predictive_entropy_recentred_on_the_threshold():
+    p = torch.tensor([0.01, 0.3, 0.5, 0.8, 0.85, 0.99])
+    binary = entropy(torch.stack([1 - p, p], -1))
+    torch.testing.assert_close(mb.verdict_entropy(p, 0.5), binary)  # one and the same at threshold 0.5
+    at = mb.verdict_entropy(p, 0.8)
+    assert at[3].item() == pytest.approx(math.log(2))  # ln 2 at the threshold itself
+    # Threshold 0.8: p = 0.85 is a FAKE verdict 0.05 from flipping, p = 0.3 a REAL one far from it; the predictive
+    # entropy ranks them the wrong way round, the verdict entropy the right way.
+    assert binary[4] < binary[1] and at[4] > at[1]
+    assert at[0] < at[1] < at[3] and at[5] < at[4] < at[3]  # falls away from the threshold on both sides
+
+
+def test_verdicts_read_the_configured_reject_score():
+    model = build("mc_dropout", threshold=0.8, reject_entropy=0.5, reject_score="verdict_entropy")
+    probs = torch.tensor([[0.15, 0.85], [0.7, 0.3], [0.02, 0.98], [0.99, 0.01]])
+    out = mb.BayesFakeOutput(probs=probs, predictive_entropy=entropy(probs))
+    # verdict entropy: 0.85 -> 0.66 nats (near the threshold), 0.3 -> 0.11, 0.98 -> 0.44, 0.01 -> 0.002
+    assert model.verdicts(out) == [mb.VERDICT_UNSURE, mb.VERDICT_REAL, mb.VERDICT_FAKE, mb.VERDICT_REAL]
+    model.config.reject_score = "predictive_entropy"  # the same outputs under the older rule
+    assert model.verdicts(out) == [mb.VERDICT_FAKE, mb.VERDICT_UNSURE, mb.VERDICT_FAKE, mb.VERDICT_REAL]
+    with torch.no_grad():
+        full = model(images(), num_samples=T, seed=0)
+    torch.testing.assert_close(full.verdict_entropy, mb.verdict_entropy(full.probs[:, 1], 0.8))
+    with pytest.raises(ValueError, match="reject_score"):
+        BayesFakeConfig(reject_score="entropy")
+
+
+def test_cut_points_follow_the_verdict_entropy():
+    """The adaptive rule's cut points are where ``verdicts`` changes its answer, for either reject score."""
+    for score in ("predictive_entropy", "verdict_entropy"):
+        model = build("variational", "all", threshold=0.8, reject_entropy=0.5, reject_score=score)
+        cuts = model.verdict_cut_points()
+        grid = torch.linspace(0.001, 0.999, 4001)
+        probs = torch.stack([1 - grid, grid], -1)
+        words = model.verdicts(mb.BayesFakeOutput(probs=probs, predictive_entropy=entropy(probs)))
+        changes = [float(grid[i:i + 2].mean()) for i in range(len(words) - 1) if words[i] != words[i + 1]]
+        assert len(changes) == len(cuts) and all(abs(a - b) < 1e-3 for a, b in zip(changes, cuts)), (score, cuts)

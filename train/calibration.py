@@ -20,6 +20,7 @@ import torch
 from scipy.optimize import minimize_scalar
 from sklearn.metrics import precision_recall_curve, roc_curve
 
+from hub_models.configuration_bayesfake import REJECT_SCORE_WORDS
 from train.abstention import ALPHA, DELTA, certify_reject_entropy
 from train.metrics import calibration_metrics
 from train.prediction import Predictions, predict
@@ -188,13 +189,14 @@ def certify_reject_rule_on(model, preds: Predictions, alpha: float = ALPHA, delt
     """``certify_reject_rule`` on predictions already made (e.g. out-of-fold predictions of models that held out each
     calibration image's group), with the detector's threshold; sets and returns ``config.abstention``."""
     inside = np.ones(len(preds), bool) if preds.in_domain is None else np.asarray(preds.in_domain, bool)
-    rule = certify_reject_entropy(preds.predictive_entropy[inside], preds.wrong(model.config.threshold)[inside],
-                                  alpha, delta)
+    rule = certify_reject_entropy(preds.reject_scores(model.config)[inside],
+                                  preds.wrong(model.config.threshold)[inside], alpha, delta)
     model.config.reject_entropy = rule.reject_entropy
+    score = REJECT_SCORE_WORDS[model.config.reject_score]
     model.config.abstention = {
         **rule.as_config(),
         "certified": rule.reject_entropy is not None,
-        "rule": "answer when the image is in domain and its predictive entropy <= reject_entropy; otherwise "
+        "rule": f"answer when the image is in domain and its {score} <= reject_entropy; otherwise "
                 "'uncertain: needs human review' (every in-domain image when nothing could be certified)",
         "calibration_out_of_domain": int((~inside).sum()),
     }

@@ -88,7 +88,7 @@ def calibrate_and_evaluate(model, splits: dict, out_dir: str | Path, num_samples
                     domain_inputs=test_domain)
     metrics = compute_metrics(preds, model.config.threshold)
     if alpha is not None:
-        metrics.update(selective_outcome(preds.predictive_entropy, preds.wrong(model.config.threshold),
+        metrics.update(selective_outcome(preds.reject_scores(model.config), preds.wrong(model.config.threshold),
                                          preds.in_domain, model.config.reject_entropy if model.answers_anything
                                          else None))
     extra = {"dataset": dataset, "split": split, **summary}
@@ -180,7 +180,7 @@ def subsample(inputs: np.ndarray, labels: np.ndarray, max_n: int | None, seed: i
 def main(argv: list[str] | None = None, prog: str = "python -m train.evaluate") -> dict:
     """The command line; returns the report. ``prog`` is how it was called (usage, and the card's default command)."""
     argv = sys.argv[1:] if argv is None else argv
-    from hub_models.configuration_bayesfake import RECONSTRUCTION_METRICS
+    from hub_models.configuration_bayesfake import RECONSTRUCTION_METRICS, REJECT_SCORES
 
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -213,6 +213,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m train.evaluate") 
                         help="an autoencoder detector: what its reconstruction_error measures, set in the "
                              "exported release's config.reconstruction_metric (with --export; chosen after training, "
                              "on wild train vs CIFAKE validation: benchmarks/bench_ae_error_definitions.py)")
+    parser.add_argument("--reject-score", choices=REJECT_SCORES,
+                        help="what the reject rule compares with reject_entropy (config.reject_score; default: the "
+                             "detector's own): verdict_entropy measures how near P(FAKE) is to the threshold")
     parser.add_argument("--stress", action="store_true", help="also report laundered copies of the test split and "
                                                               "the off-domain set --wild (train.offdomain)")
     parser.add_argument("--wild", default=WILD, help="off-domain image set of --stress")
@@ -234,6 +237,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m train.evaluate") 
     record_path, record = read_run_record(args.model_dir)
     if args.training_data:
         model.config.training_data = args.training_data
+    if args.reject_score:  # before calibration: the reject rule is certified on this score
+        model.config.reject_score = args.reject_score
     if args.reconstruction_metric and model.decoder is None:
         parser.error("--reconstruction-metric is for an autoencoder detector (config.decoder_widths set)")
     if args.domain_gate:

@@ -251,16 +251,18 @@ def fold_names(data, folds) -> np.ndarray:
     return names
 
 
-def group_rows(preds, data, threshold: float, reject_entropy: float | None) -> list[dict]:
-    """Per generator (AI images) and per source (real photos): accuracy, answered share, accuracy among answered."""
+def group_rows(preds, data, config) -> list[dict]:
+    """Per generator (AI images) and per source (real photos): accuracy, answered share, accuracy among answered,
+    under the detector's ``config`` (threshold and reject rule)."""
     rows = []
-    wrong = preds.wrong(threshold)
+    wrong, scores = preds.wrong(config.threshold), preds.reject_scores(config)
+    reject_entropy = config.reject_entropy
     for kind, column in (("generator", data.generators), ("source", data.sources)):
         for name, label in sorted(set(zip(column, data.labels))):  # a source with both classes gets a row per class
             if name == "none":
                 continue
             idx = np.flatnonzero((column == name) & (data.labels == label))
-            outcome = selective_outcome(preds.predictive_entropy[idx], wrong[idx],
+            outcome = selective_outcome(scores[idx], wrong[idx],
                                         None if preds.in_domain is None else preds.in_domain[idx], reject_entropy)
             rows.append({"kind": kind, "name": str(name), "n": int(len(idx)),
                          "label": "FAKE" if label == 1 else "REAL",
@@ -468,8 +470,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     preds = predict(model, x_test, test.labels, progress=False)
     metrics = compute_metrics(preds, model.config.threshold)
-    metrics.update(selective_outcome(preds.predictive_entropy, preds.wrong(model.config.threshold), preds.in_domain,
-                                     model.config.reject_entropy))
+    metrics.update(selective_outcome(preds.reject_scores(model.config), preds.wrong(model.config.threshold),
+                                     preds.in_domain, model.config.reject_entropy))
     report = {
         "name": cfg["name"], "dataset": "wild", "split": "test", "num_samples": int(model.config.num_samples),
         "layout": layout, "head_hidden": hidden, "layout_val_auroc": layout_auroc, "validation": validation,
@@ -479,7 +481,7 @@ def main(argv: list[str] | None = None) -> None:
         "domain_threshold": domain_threshold, "abstention": abstention,
         "reject_entropy": model.config.reject_entropy,
         "metrics": {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in metrics.items()},
-        "groups": group_rows(preds, test, model.config.threshold, model.config.reject_entropy),
+        "groups": group_rows(preds, test, model.config),
         "seconds": round(time.time() - started, 1),
         "command": "python -m train.fullsize " + " ".join(sys.argv[1:] if argv is None else argv),
     }

@@ -66,7 +66,7 @@ def stress_sets(model, test_images: np.ndarray, test_labels: np.ndarray, wild: s
 def set_metrics(model, preds) -> dict:
     threshold = model.config.threshold
     metrics = compute_metrics(preds, threshold)
-    metrics.update(selective_outcome(preds.predictive_entropy, preds.wrong(threshold), preds.in_domain,
+    metrics.update(selective_outcome(preds.reject_scores(model.config), preds.wrong(threshold), preds.in_domain,
                                      model.config.reject_entropy if model.answers_anything else None))
     return {key: metrics[key] for key in KEYS}
 

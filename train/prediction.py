@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hub_models.image_processing_bayesfake import BayesFakeImageProcessor
-from hub_models.modeling_bayesfake import sampling_rng
+from hub_models.modeling_bayesfake import sampling_rng, verdict_entropy
 
 
 @dataclass
@@ -39,6 +39,14 @@ class Predictions:
 
     def wrong(self, threshold: float) -> np.ndarray:
         return self.predicted(threshold) != self.labels
+
+    def reject_scores(self, config) -> np.ndarray:
+        """What a detector with ``config`` compares with its ``reject_entropy`` (``config.reject_score``): the
+        predictive entropy, or the verdict entropy of P(FAKE) at ``config.threshold`` (the model's own function)."""
+        if getattr(config, "reject_score", "predictive_entropy") == "predictive_entropy":
+            return self.predictive_entropy
+        return verdict_entropy(torch.from_numpy(np.asarray(self.p_fake, dtype=np.float64)),
+                               config.threshold).numpy()
 
 
 def as_nchw_uint8(images) -> torch.Tensor:
