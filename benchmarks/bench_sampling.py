@@ -63,9 +63,9 @@ TARGET = 1.2
 RELEASED_TARGET = 1.1  # head-only released detectors, T=30 predictive / one deterministic pass
 CNN_TARGET = 3000  # images/s of the released MC-Dropout CNN at T=30 on 2 cores
 HEAD_ONLY_MC = ["cifake-mcdropout-cnn", "cifake-mobilenetv2-ft", "effnetlite0-mcd-mlp", "effnetlite0-mcd-deep",
-                "effnetlite0-vi-linear",
-                # opt-in releases (hub_models.hub.OPT_IN): the autoencoder and the two full-size multi-view detectors
-                "cifake-ae-mobilenetv2", "wild-effnetlite0-multiview", "wild-effnetlite2-multiview"]
+                "effnetlite0-vi-linear", "cifake-ae-mobilenetv2",
+                # opt-in releases (hub_models.hub.OPT_IN): the two full-size multi-view detectors
+                "wild-effnetlite0-multiview", "wild-effnetlite2-multiview"]
 CIFAKE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifake"
 
 
