@@ -196,6 +196,8 @@ def test_study_runs_end_to_end_resumes_and_reports(tmp_path, monkeypatch, one_th
     assert "dino_vitb16" in first["refused"] and "not obtainable offline" in first["refused"]["dino_vitb16"]
     second = run_study(cfg, progress=False)
     assert second["computed"] == 0 and second["reused"] == first["computed"]
+    # --report-only: the report again from the store, no invocation recorded (the line below still counts two)
+    assert run_study(cfg, progress=False, report_only=True)["computed"] == 0
     report = (tmp_path / "report" / "results.md").read_text()
     for section in ("train on A, test on B", "Shortcut check", "Leave one generator out", "Five crops",
                     "Transforms at train time"):

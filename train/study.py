@@ -508,10 +508,11 @@ def run_workers(cfg: StudyConfig, todo: list[dict], workers: int, progress: bool
 
 
 def run_study(cfg: StudyConfig, progress: bool = True, max_cells: int = 0, last_first: bool = False,
-              workers: int = 1) -> dict:
+              workers: int = 1, report_only: bool = False) -> dict:
     """Run (or resume) every cell of ``cfg``; write the report. Returns timing and counts. ``last_first``: take the
     remaining cells from the end (a second worker on the same store; each skips what the other has stored).
-    ``workers`` > 1: that many worker processes of one thread each (``run_workers``), e.g. one per core."""
+    ``workers`` > 1: that many worker processes of one thread each (``run_workers``), e.g. one per core.
+    ``report_only``: compute nothing and record no invocation time, only write the report from the store."""
     from train.study_report import write_report
 
     if workers < 1:
@@ -530,6 +531,11 @@ def run_study(cfg: StudyConfig, progress: bool = True, max_cells: int = 0, last_
                 refused[backbone] = str(err)
                 log.warning("%s", err)
     todo = [c for c in cells if c["backbone"] not in refused and study.store.get(cell_id(c)) is None]
+    if report_only:
+        counts = {name: (len(study.sets[name]), int(study.sets[name].labels.sum()))
+                  for name in ("cifake_test", "wild_test")}
+        return {"seconds": time.time() - start, "computed": 0, "reused": len(cells) - len(todo), "refused": refused,
+                "report": write_report(cfg, study.store, refused, cells, counts)}
     if max_cells:
         todo = todo[:max_cells]
     done_before = len(cells) - len(todo) - sum(c["backbone"] in refused for c in cells)
@@ -586,6 +592,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m train.study") -> 
     parser.add_argument("--workers", type=int, default=1,
                         help="worker processes of one torch thread each (default 1; 2 on a 2-core machine): each "
                              "takes whole backbones, then steals what is left")
+    parser.add_argument("--report-only", action="store_true",
+                        help="compute nothing (and record no invocation time): rewrite the report from the store")
     parser.add_argument("--last-first", action="store_true",
                         help="take the remaining cells from the end: a second worker on the same store")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -595,7 +603,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m train.study") -> 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = load_study_config(args.config, args.set)
     cfg.command = " ".join([prog, *(sys.argv[1:] if argv is None else argv)])
-    result = run_study(cfg, max_cells=args.max_cells, last_first=args.last_first, workers=args.workers)
+    result = run_study(cfg, max_cells=args.max_cells, last_first=args.last_first, workers=args.workers,
+                       report_only=args.report_only)
     minutes = result["seconds"] / 60
     print(f"study {cfg.name}: {result['computed']} cells computed, {result['reused']} reused from "
           f"{cfg.store}, took {result['seconds']:.0f} s ({minutes:.1f} min); report: {result['report']}")

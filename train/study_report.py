@@ -129,6 +129,9 @@ def write_report(cfg, store, refused: dict, cells: list[dict], test_counts: dict
 
 def _header(cfg, store, refused, n_cells, n_done, missing) -> list[str]:
     runs, total, span = _timing(store)
+    # The command that filled the store (the last recorded invocation's), not a later --report-only.
+    command = next((r["command"] for r in runs[::-1] if r.get("command")), None) or cfg.command or \
+        f"bayesfake study train/configs/study/{cfg.name}.yaml"
     # Feature time: each invocation's own, plus its worker processes' (``run_study(workers=N)``).
     extraction = sum(r.get("extraction_seconds", 0) for r in store.records.values() if '"timing"' in r["id"])
     workers = sorted({r.get("workers", 1) for r in runs}) or [1]
@@ -139,12 +142,12 @@ def _header(cfg, store, refused, n_cells, n_done, missing) -> list[str]:
     lines = [f"# The backbone x classifier study ({cfg.name})", "",
              "Written by `train/study_report.py` from the results store; every number was measured by the command "
              "below. Rows are chosen on validation and reported on test.", "",
-             f"- Command: `{cfg.command or 'bayesfake study train/configs/study/' + cfg.name + '.yaml'}`",
+             f"- Command: `{command}`",
              f"- Cells: {n_done} of {n_cells} finished" + (f" ({missing} not yet computed: a partial run; rerun the "
                                                           "command to finish it)" if missing > 0 else ""),
              f"- Time: {total:.0f} s ({total / 60:.1f} min) summed over {len(runs)} recorded invocation(s) of the "
-             f"command, {span / 60:.1f} min from the first start to the last end (feature extraction and loading "
-             f"{extraction:.0f} s, fitting and scoring cells {cell_seconds:.0f} s, summed over processes), "
+             f"command, {span / 60:.1f} min from the first start to the last end (the cells took {cell_seconds:.0f} s "
+             f"summed over processes, {extraction:.0f} s of it extracting and loading features), "
              f"{' or '.join(map(str, workers))} worker process(es) of 1 torch / OpenMP thread each, {machine}; "
              f"{os.cpu_count()} cores on the machine that wrote this report",
              f"- Data: CIFAKE subsets (balanced, seed {cfg.seed}) train {cfg.cifake_train}, val {cfg.cifake_val} from "
