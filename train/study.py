@@ -468,13 +468,12 @@ def study_worker(cfg: StudyConfig, own: list[dict], others: list[dict], claims: 
     log.info("done; %.0f s spent on features", study.extraction_seconds)
 
 
-def run_workers(cfg: StudyConfig, todo: list[dict], workers: int, progress: bool, on_progress) -> None:
-    """Run ``todo`` in ``workers`` processes (``study_worker``, one torch thread each) on the one store; report progress
-    from the store every few seconds (``on_progress(cells stored)``). A failed worker fails the run (resumable)."""
+def run_workers(cfg: StudyConfig, store: Store, todo: list[dict], workers: int, progress: bool, on_progress) -> None:
+    """Run ``todo`` in ``workers`` processes (``study_worker``, one torch thread each) on ``store``; report progress
+    from it every few seconds (``on_progress(cells stored)``). A failed worker fails the run (resumable)."""
     import multiprocessing
     import shutil
 
-    store = Store(ROOT / cfg.store if not Path(cfg.store).is_absolute() else cfg.store)
     claims = store.path.parent / f".claims-{os.getpid()}-{time.time_ns()}"
     claims.mkdir(parents=True)
     dealt = deal_cells(todo, workers)
@@ -532,10 +531,7 @@ def run_study(cfg: StudyConfig, progress: bool = True, max_cells: int = 0, last_
                 log.warning("%s", err)
     todo = [c for c in cells if c["backbone"] not in refused and study.store.get(cell_id(c)) is None]
     if report_only:
-        counts = {name: (len(study.sets[name]), int(study.sets[name].labels.sum()))
-                  for name in ("cifake_test", "wild_test")}
-        return {"seconds": time.time() - start, "computed": 0, "reused": len(cells) - len(todo), "refused": refused,
-                "report": write_report(cfg, study.store, refused, cells, counts)}
+        todo = []
     if max_cells:
         todo = todo[:max_cells]
     done_before = len(cells) - len(todo) - sum(c["backbone"] in refused for c in cells)
@@ -557,7 +553,7 @@ def run_study(cfg: StudyConfig, progress: bool = True, max_cells: int = 0, last_
                 computed = stored
                 record_time(False)
 
-        run_workers(cfg, todo, workers, progress, on_progress)
+        run_workers(cfg, study.store, todo, workers, progress, on_progress)
         study.store.refresh()
         computed = sum(study.store.get(cell_id(c)) is not None for c in todo)
     else:
@@ -572,10 +568,11 @@ def run_study(cfg: StudyConfig, progress: bool = True, max_cells: int = 0, last_
             computed += 1
             record_time(False)
     meta_key = cell_id({"choice": "metadata_probe", "seed": cfg.seed})
-    if "shortcut" in cfg.experiments and study.store.get(meta_key) is None:
+    if "shortcut" in cfg.experiments and study.store.get(meta_key) is None and not report_only:
         study.store.put(meta_key, {"probe": shortcut_metadata_probe(study)})
     seconds = time.time() - start
-    record_time(True)
+    if not report_only:
+        record_time(True)
     counts = {name: (len(study.sets[name]), int(study.sets[name].labels.sum()))
               for name in ("cifake_test", "wild_test")}
     paths = write_report(cfg, study.store, refused, cells, counts)
