@@ -30,7 +30,7 @@ measurably** only if all of C1-C3 hold (C4 holds by construction and is checked)
 - C3 (affordable on clean images): on clean CIFAKE test no answering detector's answered accuracy falls by more than
   0.2 points, and none loses more than 10 points of coverage (the cost in coverage is stated per detector);
 - C4 (never less careful off-domain): on wild, no detector's "outside or uncertain" share falls, nor the headline's
-  abstentions over all 8 detectors.
+  abstentions over all the detectors run.
 The time cost is stated, not judged: the wall time of ``verdicts_with_copies`` against the detector alone on
 ``--timing-images`` clean test images, and the copies judged per image on every set.
 
@@ -490,7 +490,7 @@ def main(argv=None) -> None:
         "",
         *detail,
         "",
-        "## The headline over all 8 detectors (hub_models.headline), single vs with copies",
+        f"## The headline over all {len(names)} detectors (hub_models.headline), single vs with copies",
         "",
         *head_lines,
         "",
