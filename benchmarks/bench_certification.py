@@ -81,32 +81,44 @@ def rows(name: str) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def run_tables(description: str, script: str, output: str, header: str, rows_of, title: str, intro: str,
+               argv: list[str] | None = None) -> None:
+    """The command line these diagnostics share: release NAMEs (default: the two detectors whose rule they study), a
+    table with a row group per name (``rows_of(name)``), written to OUTPUT as Markdown with how it was measured, and
+    printed."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", default=["cifake-mcdropout-cnn", "cifake-ae-mobilenetv2"])
-    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results_certification.md"))
+    parser.add_argument("--output", default=str(ROOT / "benchmarks" / output))
     args = parser.parse_args(argv)
     started = time.time()
-    table = ["| detector | design | in-domain calibration images | certified coverage (calibration) | errors "
-             "among answered | p-value | test: answered | test: accuracy among answered |", "|" + "---|" * 8]
+    columns = header.count("|") - 1
+    table = [header, "|" + "---|" * columns]
     for name in args.names:
-        table += rows(name)
-    command = "python benchmarks/bench_certification.py " + " ".join(argv or sys.argv[1:])
+        table += rows_of(name)
+    command = f"python benchmarks/{script} " + " ".join(argv or sys.argv[1:])
     text = "\n".join([
-        "# What the certification design costs in coverage (diagnostic, nothing chosen from it)",
+        f"# {title}",
         "",
         f"Measured {datetime.date.today()} on {platform.machine()}, {torch.get_num_threads()} threads, torch "
         f"{torch.__version__}; `{command.strip()}` ({time.time() - started:.0f} s).",
         "",
-        "Each release's rule was certified with the first design (fixed before any data was seen). The others are what "
-        "single fixed sequences would have certified on the same calibration images; adopting one now, after seeing "
-        "this, would void the guarantee on these images, so no release uses them.",
+        intro,
         "",
         *table,
         "",
     ])
     Path(args.output).write_text(text)
     print(text)
+
+
+def main(argv: list[str] | None = None) -> None:
+    run_tables(__doc__, "bench_certification.py", "results_certification.md",
+               "| detector | design | in-domain calibration images | certified coverage (calibration) | errors among "
+               "answered | p-value | test: answered | test: accuracy among answered |", rows,
+               "What the certification design costs in coverage (diagnostic, nothing chosen from it)",
+               "Each release's rule was certified with the first design (fixed before any data was seen). The others "
+               "are what single fixed sequences would have certified on the same calibration images; adopting one now, "
+               "after seeing this, would void the guarantee on these images, so no release uses them.", argv)
 
 
 if __name__ == "__main__":

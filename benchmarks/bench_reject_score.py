@@ -14,14 +14,8 @@ their certifying half was read; the certified and test figures of the releases a
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import platform
 import sys
-import time
 from pathlib import Path
-
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -35,6 +29,8 @@ from train.domain import gate_images  # noqa: E402
 from train.evaluate import evaluation_data, native_splits, read_run_record  # noqa: E402
 from train.metrics import auroc  # noqa: E402
 from train.prediction import predict  # noqa: E402
+
+from bench_certification import run_tables  # noqa: E402  (a sibling script: run as python benchmarks/...)
 
 
 def rows(name: str, seed: int = 0) -> list[str]:
@@ -59,30 +55,13 @@ def rows(name: str, seed: int = 0) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("names", nargs="*", default=["cifake-mcdropout-cnn", "cifake-ae-mobilenetv2"])
-    parser.add_argument("--output", default=str(ROOT / "benchmarks" / "results_reject_score.md"))
-    args = parser.parse_args(argv)
-    started = time.time()
-    table = ["| detector | reject score | fitting-half images | accuracy | error-detection AUROC | certified share "
-             "(same procedure, these images) | errors among answered |", "|" + "---|" * 7]
-    for name in args.names:
-        table += rows(name)
-    command = "python benchmarks/bench_reject_score.py " + " ".join(argv or sys.argv[1:])
-    text = "\n".join([
-        "# Which score the reject rule reads (measured on the validation half that fits, not the one that certifies)",
-        "",
-        f"Measured {datetime.date.today()} on {platform.machine()}, {torch.get_num_threads()} threads, torch "
-        f"{torch.__version__}; `{command.strip()}` ({time.time() - started:.0f} s).",
-        "",
-        "The predictive entropy measures how far P(FAKE) is from 0.5; the verdict entropy how far it is from the "
-        "detector's threshold, where its verdict flips. Both detectors here have thresholds far from 0.5.",
-        "",
-        *table,
-        "",
-    ])
-    Path(args.output).write_text(text)
-    print(text)
+    run_tables(__doc__, "bench_reject_score.py", "results_reject_score.md",
+               "| detector | reject score | fitting-half images | accuracy | error-detection AUROC | certified share "
+               "(same procedure, these images) | errors among answered |", rows,
+               "Which score the reject rule reads (measured on the validation half that fits, not the one that "
+               "certifies)",
+               "The predictive entropy measures how far P(FAKE) is from 0.5; the verdict entropy how far it is from the "
+               "detector's threshold, where its verdict flips. Both detectors here have thresholds far from 0.5.", argv)
 
 
 if __name__ == "__main__":
