@@ -269,8 +269,7 @@ class Detector:
             "threshold": self.config.threshold,
             "reject_entropy": self.config.reject_entropy,
             "reject_score": self.config.reject_score,  # what reject_entropy is compared with
-            "verdict_entropy": self.model.reject_scores(out)[0].item()
-            if self.config.reject_score == "verdict_entropy" else None,
+            "verdict_entropy": out.verdict_entropy[0].item() if self.config.reject_score == "verdict_entropy" else None,
             "num_samples": num_samples,
             "seed": SEED,
             "training_domain": self.config.training_domain,

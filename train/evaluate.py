@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from train.abstention import ALPHA, DELTA, selective_outcome
+from train.abstention import ALPHA, DELTA
 from train.calibration import calibrate_on_validation, calibration_halves, certify_reject_rule
 from train.domain import (GATE_TRAIN_IMAGES, attach_domain_gate, choose_domain_threshold, fit_domain_gate,
                           gate_images)
@@ -88,9 +88,7 @@ def calibrate_and_evaluate(model, splits: dict, out_dir: str | Path, num_samples
                     domain_inputs=test_domain)
     metrics = compute_metrics(preds, model.config.threshold)
     if alpha is not None:
-        metrics.update(selective_outcome(preds.reject_scores(model.config), preds.wrong(model.config.threshold),
-                                         preds.in_domain, model.config.reject_entropy if model.answers_anything
-                                         else None))
+        metrics.update(preds.answered_outcome(model))
     extra = {"dataset": dataset, "split": split, **summary}
     if stress is not None:
         extra["stress"] = stress_report(model, stress, preds, num_samples, seed, progress=progress,

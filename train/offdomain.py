@@ -18,7 +18,6 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from hub_models.image_processing_bayesfake import BayesFakeImageProcessor
-from train.abstention import selective_outcome
 from train.data import decode_images, raw_splits
 from train.domain import gate_images
 from train.features import content_features, resize_uint8
@@ -64,10 +63,8 @@ def stress_sets(model, test_images: np.ndarray, test_labels: np.ndarray, wild: s
 
 
 def set_metrics(model, preds) -> dict:
-    threshold = model.config.threshold
-    metrics = compute_metrics(preds, threshold)
-    metrics.update(selective_outcome(preds.reject_scores(model.config), preds.wrong(threshold), preds.in_domain,
-                                     model.config.reject_entropy if model.answers_anything else None))
+    metrics = compute_metrics(preds, model.config.threshold)
+    metrics.update(preds.answered_outcome(model))
     return {key: metrics[key] for key in KEYS}
 
 

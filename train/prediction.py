@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from hub_models.image_processing_bayesfake import BayesFakeImageProcessor
 from hub_models.modeling_bayesfake import sampling_rng, verdict_entropy
+from train.abstention import selective_outcome
 
 
 @dataclass
@@ -47,6 +48,13 @@ class Predictions:
             return self.predictive_entropy
         return verdict_entropy(torch.from_numpy(np.asarray(self.p_fake, dtype=np.float64)),
                                config.threshold).numpy()
+
+    def answered_outcome(self, model) -> dict:
+        """What ``model``'s verdicts do on these images (``train.abstention.selective_outcome``): its threshold, its
+        reject rule on its reject score, and no answer at all when its rule could not be certified."""
+        config = model.config
+        return selective_outcome(self.reject_scores(config), self.wrong(config.threshold), self.in_domain,
+                                 config.reject_entropy if model.answers_anything else None)
 
 
 def as_nchw_uint8(images) -> torch.Tensor:
