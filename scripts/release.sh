@@ -6,9 +6,9 @@
 #   python -m train.train CONFIG     CNNs and fine-tuned backbones: train/configs/NAME.yaml;
 #                                    heads on a frozen backbone: train/configs/frozen/NAME.yaml (cached features);
 #                                    trained on laundered images: train/configs/robust/NAME.yaml, a fine-tune of
-#                                    release 1.0.0 (weights from git, RELEASE_1_REV: the VI CNN, MobileNetV2) or of
-#                                    the base config's run (the MC-Dropout CNN's 3.0.0), or from scratch (the
-#                                    autoencoder's 2.0.0)
+#                                    release 1.0.0 (weights from git, RELEASE_1_REV: the VI CNN, MobileNetV2), of
+#                                    a run of another config, trained first (the MC-Dropout CNN's 4.0.0: of 3.0.0's
+#                                    run, itself of the base config's), or from scratch (the autoencoder's 2.0.0)
 #   python -m train.evaluate runs/NAME/final --split test --alpha 0.01 --domain-gate GATE --stress --export ...
 # A finished training (runs/NAME/final) is not repeated; an interrupted one resumes from runs/NAME/checkpoint.
 # Releases are immutable: a rerun keeps the folder's version, and the export refuses it if the outputs changed; a
@@ -31,6 +31,30 @@ train_once() {
     [ -f "$2/final/train_history.json" ] || python -m train.train "$1" \
         $( [ -d "$2/checkpoint" ] || [ -d "$2/checkpoint.old" ] && echo --resume )
 }
+# The config under train/configs whose run folder is $1 (what an init_from RUN/final was trained by).
+config_for_run() {
+    python -c "import sys, yaml, pathlib
+found = [str(p) for p in sorted(pathlib.Path('train/configs').rglob('*.yaml'))
+         if (lambda c: isinstance(c, dict) and 'name' in c and (c.get('out_dir') or 'runs/' + c['name']))(
+             yaml.safe_load(p.read_text())) == sys.argv[1]]
+if len(found) != 1:
+    sys.exit(f'{len(found)} configs under train/configs write {sys.argv[1]} (need exactly one): {found}')
+print(found[0])" "$1"
+}
+# Make what CONFIG fine-tunes (init_from) exist first: release 1.0.0 exactly as git holds it (the VI CNN's and
+# MobileNetV2's 2.x fine-tune it), or a run of this repository, trained (after its own parents) by the one config that
+# writes it (the MC-Dropout CNN: base config -> 3.0.0's laundering fine-tune -> 4.0.0's second cycle).
+train_parents() {
+    local init parent
+    init=$(config_value "$1" init_from)
+    case "$init" in
+        runs/release-1.0.0/*) [ -d runs/release-1.0.0/hub_models ] || { mkdir -p runs/release-1.0.0 &&
+            git archive "$RELEASE_1_REV" hub_models | tar -x -C runs/release-1.0.0; } ;;
+        */final) parent=$(config_for_run "${init%/final}")
+                 train_parents "$parent"
+                 train_once "$parent" "${init%/final}" ;;
+    esac
+}
 names=("$@")
 [ ${#names[@]} -gt 0 ] || names=(cifake-mcdropout-cnn cifake-vi-bcnn cifake-mobilenetv2-ft effnetlite0-linear
                                  effnetlite0-gnb effnetlite0-mcd-mlp effnetlite0-mcd-deep effnetlite0-vi-linear
@@ -46,16 +70,9 @@ for name in "${names[@]}"; do
     fi
     extend=()
     if [ -f "train/configs/robust/$name.yaml" ]; then
-        # Trained on laundered images: the CNNs' 2.x (3.0.0 for the MC-Dropout CNN) and the autoencoder's 2.0.0.
+        # Trained on laundered images: the CNNs' 2.x (3.0.0 and 4.0.0 for the MC-Dropout CNN), the autoencoder's 2.0.0.
         config="train/configs/robust/$name.yaml"
-        init=$(config_value "$config" init_from)
-        case "$init" in
-            # release 1.0.0, exactly as git holds it (the VI CNN's and MobileNetV2's 2.x fine-tune it)
-            runs/release-1.0.0/*) [ -d runs/release-1.0.0/hub_models ] || { mkdir -p runs/release-1.0.0 &&
-                git archive "$RELEASE_1_REV" hub_models | tar -x -C runs/release-1.0.0; } ;;
-            # a run of this repository (the MC-Dropout CNN's 3.0.0 fine-tunes its base config's run): trained first
-            */final) train_once "train/configs/$name.yaml" "$(config_value "train/configs/$name.yaml" out_dir)" ;;
-        esac
+        train_parents "$config"
     elif [ -f "train/configs/autoencoder/$name-64px.yaml" ]; then
         # The autoencoder detector's 1.0.0 as trained on one CPU thread: 64 px, a 57,600-image subset, one epoch,
         # then a warm-restart second epoch over it (extend).

@@ -312,3 +312,27 @@ def test_speed_results_keep_one_section_per_detector(tmp_path):
     text = path.read_text()
     assert text.startswith("# Full-size detectors") and "first" not in text
     assert text.index("## a 1.0.0") < text.index("second") < text.index("## design x") < text.index("slow")
+
+
+def test_group_rows_answer_nothing_when_the_rule_was_not_certified():
+    """The per-generator / per-source table says what the detector's verdicts do: a detector whose reject rule could
+    not be certified sends every image to review, whatever reject entropy its config still holds."""
+    from train.fullsize import group_rows
+    from train.prediction import Predictions
+
+    _, data = synthetic_wild(n_per_group=4, dim=4)
+    n = len(data)
+    p_fake = np.where(data.labels == 1, 0.9, 0.1)
+    entropy = np.full(n, 0.3)
+    preds = Predictions(labels=data.labels, p_fake=p_fake, std_fake=np.zeros(n), predictive_entropy=entropy,
+                        mutual_information=np.zeros(n), expected_entropy=entropy, num_samples=30)
+    model = tiny_multiview()
+    model.config.reject_entropy = 0.5
+    model.config.abstention = {"certified": True}
+    answered = {row["name"]: row["answered"] for row in group_rows(preds, data, model)}
+    assert set(answered) == {"A", "B", "web", "g1", "g2", "g3"} and set(answered.values()) == {1.0}
+    assert preds.answered_outcome(model)["sc/coverage"] == 1.0
+    model.config.abstention = {"certified": False}
+    rows = group_rows(preds, data, model)
+    assert {row["answered"] for row in rows} == {0.0} and {row["uncertain"] for row in rows} == {1.0}
+    assert preds.answered_outcome(model)["sc/coverage"] == 0.0

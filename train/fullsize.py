@@ -251,12 +251,14 @@ def fold_names(data, folds) -> np.ndarray:
     return names
 
 
-def group_rows(preds, data, config) -> list[dict]:
+def group_rows(preds, data, model) -> list[dict]:
     """Per generator (AI images) and per source (real photos): accuracy, answered share, accuracy among answered,
-    under the detector's ``config`` (threshold and reject rule)."""
+    under ``model``'s threshold and reject rule (no answer at all when its rule could not be certified, as its
+    verdicts do)."""
     rows = []
+    config = model.config
     wrong, scores = preds.wrong(config.threshold), preds.reject_scores(config)
-    reject_entropy = config.reject_entropy
+    reject_entropy = config.reject_entropy if model.answers_anything else None
     for kind, column in (("generator", data.generators), ("source", data.sources)):
         for name, label in sorted(set(zip(column, data.labels))):  # a source with both classes gets a row per class
             if name == "none":
@@ -470,8 +472,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     preds = predict(model, x_test, test.labels, progress=False)
     metrics = compute_metrics(preds, model.config.threshold)
-    metrics.update(selective_outcome(preds.reject_scores(model.config), preds.wrong(model.config.threshold),
-                                     preds.in_domain, model.config.reject_entropy))
+    metrics.update(preds.answered_outcome(model))
     report = {
         "name": cfg["name"], "dataset": "wild", "split": "test", "num_samples": int(model.config.num_samples),
         "layout": layout, "head_hidden": hidden, "layout_val_auroc": layout_auroc, "validation": validation,
@@ -481,7 +482,7 @@ def main(argv: list[str] | None = None) -> None:
         "domain_threshold": domain_threshold, "abstention": abstention,
         "reject_entropy": model.config.reject_entropy,
         "metrics": {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in metrics.items()},
-        "groups": group_rows(preds, test, model.config),
+        "groups": group_rows(preds, test, model),
         "seconds": round(time.time() - started, 1),
         "command": "python -m train.fullsize " + " ".join(sys.argv[1:] if argv is None else argv),
     }
