@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from hub_models import BayesFakeConfig, BayesFakeDetector  # noqa: E402
 from hub_models.configuration_bayesfake import VIEW_NAMES  # noqa: E402
+from hub_models.modeling_bayesfake import entropy as binary_entropy  # noqa: E402
 from train.data import default_cache_dir  # noqa: E402
 from train.features import load_backbone_weights  # noqa: E402
 from train.fullsize import fold_heads, group_folds, out_of_fold_predictions  # noqa: E402
@@ -115,11 +116,12 @@ def out_of_fold_mcdropout(model, features: np.ndarray, labels: np.ndarray, folds
 
 
 def row_metrics(p_fake: np.ndarray, labels: np.ndarray, group: np.ndarray) -> dict:
-    p = np.clip(p_fake, 1e-7, 1 - 1e-7)
-    entropy = -(p * np.log(p) + (1 - p) * np.log(1 - p))
+    p = torch.from_numpy(p_fake)
+    entropy = binary_entropy(torch.stack([1 - p, p], -1)).numpy()  # the model's own predictive entropy of P(FAKE)
     wrong = (p_fake >= 0.5) != labels
-    preds = Predictions(labels=labels, p_fake=p_fake, std_fake=np.zeros_like(p), predictive_entropy=entropy,
-                        mutual_information=np.zeros_like(p), expected_entropy=entropy, num_samples=1)
+    zeros = np.zeros_like(p_fake)
+    preds = Predictions(labels=labels, p_fake=p_fake, std_fake=zeros, predictive_entropy=entropy,
+                        mutual_information=zeros, expected_entropy=entropy, num_samples=1)
     surest = np.argsort(entropy, kind="stable")[: int(round(COVERAGE * len(p)))]
     worst = min((1 - wrong[group == g].mean(), g) for g in sorted(set(group)))
     return {"auc": auroc(labels, p_fake), "acc": 1 - wrong.mean(), "ece": calibration_metrics(preds)["cal/ece"],

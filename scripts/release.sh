@@ -33,13 +33,13 @@ train_once() {
 }
 # The config under train/configs whose run folder is $1 (what an init_from RUN/final was trained by).
 config_for_run() {
-    python -c "import sys, yaml, pathlib
-found = [str(p) for p in sorted(pathlib.Path('train/configs').rglob('*.yaml'))
-         if (lambda c: isinstance(c, dict) and 'name' in c and (c.get('out_dir') or 'runs/' + c['name']))(
-             yaml.safe_load(p.read_text())) == sys.argv[1]]
-if len(found) != 1:
-    sys.exit(f'{len(found)} configs under train/configs write {sys.argv[1]} (need exactly one): {found}')
-print(found[0])" "$1"
+    local found=() file
+    for file in $(find train/configs -name '*.yaml' | sort); do
+        [ "$(config_value "$file" out_dir 2>/dev/null)" = "$1" ] && found+=("$file")
+    done
+    [ ${#found[@]} -eq 1 ] || { echo "${#found[@]} configs under train/configs write $1 (need exactly one): ${found[*]}" >&2
+                                return 1; }
+    echo "${found[0]}"
 }
 # Make what CONFIG fine-tunes (init_from) exist first: release 1.0.0 exactly as git holds it (the VI CNN's and
 # MobileNetV2's 2.x fine-tune it), or a run of this repository, trained (after its own parents) by the one config that
