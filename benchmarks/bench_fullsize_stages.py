@@ -14,9 +14,9 @@ not resized, where pixel-level traces survive).
 
 Two heads per feature set: a logistic regression on standardised features (scikit-learn; C in a fixed grid, chosen by
 the same leave-one-group-out ROC-AUC, the row shows the chosen one), and the released head type (MC Dropout, one hidden
-layer of 256, T = 30, trained by ``train.fullsize``'s own functions). Probabilities as they come (no temperature). Columns: ROC-AUC,
-accuracy at 0.5, ECE (15 bins), error-detection AUROC (the predictive entropy ranking the wrong answers), accuracy among
-the 80% most confident, and the worst held-out group's accuracy.
+layer of 256, T = 30, trained by ``train.fullsize``'s own functions). Probabilities as they come (no temperature).
+Columns: ROC-AUC, accuracy at 0.5, ECE (15 bins), error-detection AUROC (the predictive entropy ranking the wrong
+answers), accuracy among the 80% most confident, and the worst group's accuracy.
 """
 
 from __future__ import annotations
@@ -150,9 +150,11 @@ def main(argv: list[str] | None = None) -> None:
              f"{len(train)} wild train images; each predicted by a logistic regression fitted without its source or "
              "generator (BSDS500 dealt over the folds). Wild test is not read. Heads: a logistic regression on "
              f"standardised features (C chosen in {list(C_GRID)} by this ROC-AUC), and the released head (MC Dropout, "
-             "one hidden layer of 256, p = 0.3, T = 30, trained as train.fullsize trains it). Columns: ROC-AUC, accuracy at 0.5, ECE (15 bins), error-detection "
-             f"AUROC (entropy), accuracy among the {COVERAGE:.0%} most confident, worst group's accuracy (a source or generator).",
-             "", "| layout | features | dim | head | ROC-AUC | accuracy | ECE | error AUROC | acc. at 80% | worst group |",
+             "one hidden layer of 256, p = 0.3, T = 30, trained as train.fullsize trains it). Columns: ROC-AUC, "
+             "accuracy at 0.5, ECE (15 bins), error-detection AUROC (entropy), accuracy among the "
+             f"{COVERAGE:.0%} most confident, worst group's accuracy (a source or generator).",
+             "", "| layout | features | dim | head | ROC-AUC | accuracy | ECE | error AUROC | acc. at 80% | "
+             "worst group |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for layout in ("whole_centre", "five_crop"):
         views = [names.index(v) for v in VIEW_NAMES[layout]]

@@ -42,7 +42,6 @@ from sklearn.model_selection import LeaveOneGroupOut
 from hub_models import BayesFakeConfig, BayesFakeDetector
 from hub_models.configuration_bayesfake import VIEW_LAYOUTS
 from hub_models.modeling_bayesfake import make_head
-from train.abstention import selective_outcome
 from train.calibration import (calibrate_on_validation, calibration_halves, certify_reject_rule,
                                certify_reject_rule_on, choose_thresholds, fit_temperature)
 from train.domain import IN_DOMAIN_PASS, attach_domain_gate, choose_domain_threshold, domain_scores, fit_domain_gate
@@ -256,16 +255,13 @@ def group_rows(preds, data, model) -> list[dict]:
     under ``model``'s threshold and reject rule (no answer at all when its rule could not be certified, as its
     verdicts do)."""
     rows = []
-    config = model.config
-    wrong, scores = preds.wrong(config.threshold), preds.reject_scores(config)
-    reject_entropy = config.reject_entropy if model.answers_anything else None
+    wrong = preds.wrong(model.config.threshold)
     for kind, column in (("generator", data.generators), ("source", data.sources)):
         for name, label in sorted(set(zip(column, data.labels))):  # a source with both classes gets a row per class
             if name == "none":
                 continue
             idx = np.flatnonzero((column == name) & (data.labels == label))
-            outcome = selective_outcome(scores[idx], wrong[idx],
-                                        None if preds.in_domain is None else preds.in_domain[idx], reject_entropy)
+            outcome = take(preds, idx).answered_outcome(model)
             rows.append({"kind": kind, "name": str(name), "n": int(len(idx)),
                          "label": "FAKE" if label == 1 else "REAL",
                          "acc": float(1 - wrong[idx].mean()), "mean_p_fake": float(preds.p_fake[idx].mean()),
